@@ -1,0 +1,1 @@
+"""SAMedLib: pure-Python core (no Slicer, Qt or VTK)."""

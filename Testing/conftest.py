@@ -1,0 +1,66 @@
+"""Shared pytest fixtures: the real CT sample data and a real (headless) MRML scene."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# Slicer installs both modules' folders side by side; mirror that so the MRML glue imports as in Slicer.
+for module_dir in ("SAMedSegmenter", "SAMedTrainer"):
+    if str(REPO / module_dir) not in sys.path:
+        sys.path.insert(0, str(REPO / module_dir))
+
+SHARED_DATA = REPO.parent / "shared" / "data" / "abdomen-ct"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Folder with ct_3mm.nii.gz, ct_dicom/ and their reference labels (read-only; never copied)."""
+    if not (SHARED_DATA / "ct_3mm.nii.gz").exists():
+        pytest.fail(f"sample data missing: expected {SHARED_DATA} (../shared/data/abdomen-ct beside the repo)")
+    return SHARED_DATA
+
+
+def make_mrml_scene():
+    """A real vtkMRMLScene with the volumes and segmentations logics attached (no Slicer app, no Qt)."""
+    import slicer
+
+    scene = slicer.vtkMRMLScene()
+    app_logic = slicer.vtkSlicerApplicationLogic()
+    app_logic.SetMRMLScene(scene)
+    color_logic = app_logic.GetColorLogic()
+    color_logic.SetMRMLScene(scene)
+    color_logic.AddDefaultColorNodes()
+    app_logic.SetModuleLogic("Colors", color_logic)
+    volumes_logic = slicer.vtkSlicerVolumesLogic()
+    volumes_logic.SetMRMLScene(scene)
+    volumes_logic.SetMRMLApplicationLogic(app_logic)
+    app_logic.SetModuleLogic("Volumes", volumes_logic)
+    # Registers the segmentation converter rules; without it AddEmptySegment fails.
+    segmentations_logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    segmentations_logic.SetMRMLScene(scene)
+    segmentations_logic.SetMRMLApplicationLogic(app_logic)
+    app_logic.SetModuleLogic("Segmentations", segmentations_logic)
+    sh_logic = slicer.vtkSlicerSubjectHierarchyModuleLogic()
+    sh_logic.SetMRMLScene(scene)
+    app_logic.SetModuleLogic("SubjectHierarchy", sh_logic)
+    # slicer.util helpers look these up globally, as they do inside Slicer.
+    slicer.mrmlScene = scene
+    slicer.modules = SimpleNamespace(
+        volumes=SimpleNamespace(logic=lambda: volumes_logic),
+        segmentations=SimpleNamespace(logic=lambda: segmentations_logic),
+        subjecthierarchy=SimpleNamespace(logic=lambda: sh_logic),
+    )
+    return SimpleNamespace(scene=scene, app_logic=app_logic, volumes_logic=volumes_logic,
+                           segmentations_logic=segmentations_logic, subject_hierarchy_logic=sh_logic)
+
+
+@pytest.fixture
+def mrml():
+    """A fresh real MRML scene per test (see make_mrml_scene)."""
+    env = make_mrml_scene()
+    yield env
+    env.scene.Clear(1)
