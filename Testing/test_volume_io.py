@@ -20,7 +20,7 @@ def _rot(axis: str, degrees: float) -> np.ndarray:
     return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
 
 
-# Axis-permutation: image axes point (x->P, y->I, z->R)-ish, i.e. a sagittal-like stack.
+# Axis permutation: image x points posterior, y inferior, z right (a sagittal stack).
 PERMUTED = np.array([[0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
 OBLIQUE = _rot("x", 10) @ _rot("z", 20)
 DIRECTIONS = {

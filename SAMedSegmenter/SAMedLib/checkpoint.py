@@ -23,7 +23,7 @@ from .lora import merge_lora
 from .model import SAMedModel, build_model, trainable_state_dict
 from .model_card import ModelCard, Preprocessing
 
-__all__ = ["LoadedModel", "save_checkpoint", "read_model_card", "load_model", "import_samed_checkpoint",
+__all__ = ["LoadedModel", "save_checkpoint", "save_tensors", "build_from_card", "load_trainable_tensors", "read_model_card", "load_model", "import_samed_checkpoint",
            "CheckpointError", "METADATA_KEY"]
 
 METADATA_KEY = "samed_model_card"
@@ -37,12 +37,17 @@ class LoadedModel:
 
 
 def save_checkpoint(model: SAMedModel, card: ModelCard, path: str | Path) -> Path:
-    """Write the trainable tensors and the card atomically (a crash never leaves a half-written file)."""
+    """Write the model's trainable tensors and the card atomically (a crash never leaves a half-written file)."""
+    return save_tensors(trainable_state_dict(model), card, path)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], card: ModelCard, path: str | Path) -> Path:
+    """Write trainable tensors (as from ``trainable_state_dict``) with the card, atomically."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"checkpoint file name must end in .safetensors, got {path.name}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in trainable_state_dict(model).items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".safetensors.tmp", dir=path.parent)
     os.close(fd)
     try:

@@ -170,12 +170,12 @@ class CanonicalRestore:
     same for numpy arrays ``[z, y, x, ...]`` (extra trailing axes such as channels are kept).
     """
 
-    perm: tuple[int, int, int]
-    flip: tuple[bool, bool, bool]
-    canonical_size: tuple[int, int, int]
-    size: tuple[int, int, int]
-    spacing: tuple[float, float, float]
-    origin: tuple[float, float, float]
+    perm: tuple[int, ...]
+    flip: tuple[bool, ...]
+    canonical_size: tuple[int, ...]
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
     direction: tuple[float, ...]
 
     def array(self, canonical: np.ndarray) -> np.ndarray:
@@ -225,12 +225,12 @@ def to_canonical(image: sitk.Image) -> tuple[sitk.Image, CanonicalRestore]:
         raise ValueError(f"reorientation is not an axis permutation/flip (direction {image.GetDirection()})")
     flip = tuple(bool(m[perm[j], j] < 0) for j in range(3))
     restore = CanonicalRestore(
-        perm=perm,  # type: ignore[arg-type]
-        flip=flip,  # type: ignore[arg-type]
-        canonical_size=tuple(canonical.GetSize()),  # type: ignore[arg-type]
-        size=tuple(image.GetSize()),  # type: ignore[arg-type]
-        spacing=tuple(image.GetSpacing()),  # type: ignore[arg-type]
-        origin=tuple(image.GetOrigin()),  # type: ignore[arg-type]
+        perm=perm,
+        flip=flip,
+        canonical_size=tuple(canonical.GetSize()),
+        size=tuple(image.GetSize()),
+        spacing=tuple(image.GetSpacing()),
+        origin=tuple(image.GetOrigin()),
         direction=tuple(image.GetDirection()),
     )
     return canonical, restore

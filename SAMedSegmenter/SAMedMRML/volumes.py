@@ -62,8 +62,12 @@ def check_parent_transform(node) -> None:
     transform = node.GetParentTransformNode()
     if transform is None or transform.IsTransformToWorldLinear():
         return
+    culprit = transform  # name the warping node itself, not a linear one between it and the node
+    while culprit is not None and culprit.IsLinear():
+        culprit = culprit.GetParentTransformNode()
+    culprit = culprit or transform
     raise TransformNotSupportedError(
-        f"'{_node_name(node)}' is under the non-linear transform '{_node_name(transform)}'. "
+        f"'{_node_name(node)}' is under the non-linear transform '{_node_name(culprit)}'. "
         "SAMed works on the volume's own voxel grid and cannot follow a warping transform: "
         "harden the transform first (Data module: right-click the node, 'Harden transform') "
         "or remove it, then try again.")

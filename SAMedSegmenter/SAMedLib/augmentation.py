@@ -1,0 +1,88 @@
+"""Training augmentation as one affine per view, composed with the native->model-grid affine.
+
+Geometric changes (SAMed's random 90-degree rotation + flip, small rotations, random scale and shift)
+only change the sampling affine, so image and labels are resampled once, together. Intensity jitter
+(contrast, brightness, gamma, noise) then acts on the resampled image.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["AugmentationConfig", "ViewAugmentation", "sample_view", "apply_intensity"]
+
+
+@dataclass(frozen=True)
+class AugmentationConfig:
+    p_rot90_flip: float = 0.5  # SAMed: random rot90 + flip with p=0.5
+    p_small_rotation: float = 0.25  # SAMed: rotation in [-20, 20) degrees otherwise (0.25 overall)
+    max_rotation_deg: float = 20.0
+    scale_range: tuple[float, float] = (0.8, 1.25)  # zoom of the physical field of view
+    max_shift: float = 0.08  # fraction of the model grid
+    contrast_range: tuple[float, float] = (0.75, 1.35)
+    brightness: float = 0.1
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    noise_std: float = 0.02
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ViewAugmentation:
+    """The random choices for one training view (hashable: part of the embedding-cache key)."""
+
+    matrix: tuple[float, float, float, float]  # 2x2 rotation/flip/scale in normalised model coordinates
+    shift: tuple[float, float]
+    contrast: float = 1.0
+    brightness: float = 0.0
+    gamma: float = 1.0
+    noise_seed: int = -1  # -1: no noise
+
+    @classmethod
+    def identity(cls) -> "ViewAugmentation":
+        return cls((1.0, 0.0, 0.0, 1.0), (0.0, 0.0))
+
+    def compose(self, theta: torch.Tensor) -> torch.Tensor:
+        """native<-model affine followed by this view's model-grid transform."""
+        a = torch.tensor([[self.matrix[0], self.matrix[1], self.shift[0]],
+                          [self.matrix[2], self.matrix[3], self.shift[1]], [0.0, 0.0, 1.0]])
+        full = torch.cat([theta, torch.tensor([[0.0, 0.0, 1.0]])]) @ a
+        return full[:2]
+
+
+def sample_view(rng: np.random.Generator, config: AugmentationConfig) -> ViewAugmentation:
+    matrix = np.eye(2)
+    if rng.random() < config.p_rot90_flip:
+        k = int(rng.integers(4))
+        rot = np.array([[0.0, -1.0], [1.0, 0.0]])
+        matrix = np.linalg.matrix_power(rot, k) @ matrix
+        flip_axis = int(rng.integers(2))
+        matrix = np.diag([-1.0, 1.0] if flip_axis == 0 else [1.0, -1.0]) @ matrix
+    elif rng.random() < config.p_small_rotation / max(1e-9, 1.0 - config.p_rot90_flip):
+        angle = math.radians(rng.uniform(-config.max_rotation_deg, config.max_rotation_deg))
+        matrix = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]]) @ matrix
+    scale = math.exp(rng.uniform(math.log(config.scale_range[0]), math.log(config.scale_range[1])))
+    matrix = matrix / scale  # sampling a smaller region = zooming in
+    shift = rng.uniform(-config.max_shift, config.max_shift, size=2) * 2
+    return ViewAugmentation(
+        tuple(float(v) for v in matrix.ravel()), (float(shift[0]), float(shift[1])),
+        contrast=float(rng.uniform(*config.contrast_range)),
+        brightness=float(rng.uniform(-config.brightness, config.brightness)),
+        gamma=float(math.exp(rng.uniform(math.log(config.gamma_range[0]), math.log(config.gamma_range[1])))),
+        noise_seed=int(rng.integers(2**31)) if config.noise_std > 0 else -1)
+
+
+def apply_intensity(image: torch.Tensor, view: ViewAugmentation, noise_std: float) -> torch.Tensor:
+    """Contrast about the mean, brightness shift, gamma and Gaussian noise on a [0,1] image, clipped to [0,1]."""
+    if (view.contrast, view.brightness, view.gamma, view.noise_seed) == (1.0, 0.0, 1.0, -1):
+        return image
+    mean = image.mean()
+    out = ((image - mean) * view.contrast + mean + view.brightness).clamp(0, 1) ** view.gamma
+    if view.noise_seed >= 0 and noise_std > 0:
+        gen = torch.Generator().manual_seed(view.noise_seed)
+        out = out + noise_std * torch.randn(out.shape, generator=gen)
+    return out.clamp(0, 1)

@@ -1,0 +1,381 @@
+"""Fine-tuning on labeled volumes: SAMed (LoRA) or AutoSAM-style frozen encoder + head.
+
+Frozen mode builds a fixed pool of augmented views, encodes each once through the embedding cache and then
+trains only the head, which is what makes one-volume fine-tuning take minutes on a CPU. LoRA mode draws
+fresh augmented views every iteration and back-propagates through the encoder.
+
+Runs unchanged under ``torchrun --nproc_per_node N`` (DistributedDataParallel; gloo on CPU, NCCL on CUDA):
+every rank trains on its share of the views, rank 0 writes checkpoints and progress.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .augmentation import AugmentationConfig, ViewAugmentation, apply_intensity, sample_view
+from .backbones import build_backbone
+from .checkpoint import save_tensors
+from .classes import SegmentClass
+from .embedding_cache import EmbeddingCache
+from .errors import SAMedError
+from .inference import resolve_device
+from .losses import segmentation_loss
+from .model import SAMedModel, build_model, trainable_state_dict
+from .model_card import ModelCard, Preprocessing
+from .preprocessing import slice_to_model_theta, to_model_grid
+from .schedule import learning_rate
+from .training_data import TrainingVolume, load_training_pair, select_slices
+
+__all__ = ["TrainConfig", "TrainingResult", "train", "default_mode"]
+
+
+def default_mode(device: str) -> str:
+    """SAMed's LoRA where a GPU makes it affordable; frozen encoder + head on CPU."""
+    return "lora" if device.startswith("cuda") else "frozen"
+
+
+@dataclass
+class TrainConfig:
+    images: list[str]
+    labels: list[str]
+    classes: list[SegmentClass]
+    output: str
+    base: str = "litemedsam"
+    base_checkpoint: str | None = None
+    input_size: int | None = None
+    mode: str | None = None  # None: default_mode(device)
+    head: str = "samed"
+    lora_rank: int = 4
+    lora_alpha: float | None = None
+    iterations: int = 400
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.1
+    dice_weight: float = 0.8
+    poly_power: float = 0.9
+    views_per_slice: int = 2  # frozen mode: the plain slice + augmented copies, each encoded once
+    max_labeled_slices: int | None = None
+    background_fraction: float = 0.15
+    validation_fraction: float = 0.1
+    validation_image: str | None = None
+    validation_labels: str | None = None
+    validate_every: int = 50
+    early_stopping: int | None = None  # validations without improvement before stopping
+    device: str = "auto"
+    seed: int = 1234
+    cache_dir: str | None = None
+    resume: bool = False
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+
+
+@dataclass
+class TrainingResult:
+    path: Path
+    best_dice: dict[str, float]
+    best_mean_dice: float
+    iterations_done: int
+    seconds: float
+    stopped_early: bool
+
+
+class _StopFlag:
+    """Set by SIGINT/SIGTERM (or a caller); the loop checks it between iterations."""
+
+    def __init__(self):
+        self.stop = False
+
+    def __call__(self, *_):
+        self.stop = True
+
+
+@dataclass
+class _Views:
+    inputs: torch.Tensor  # (N,3,S,S) encoder inputs
+    targets: torch.Tensor  # (N,S',S') class index on the low-res grid
+
+
+def _make_views(volume: TrainingVolume, slices: np.ndarray, views: list[list[ViewAugmentation]],
+                prep: Preprocessing, target_size: int, noise_std: float) -> _Views:
+    theta = slice_to_model_theta(volume.image.shape[1:], volume.spacing_yx, prep)
+    inputs, targets = [], []
+    for z, slice_views in zip(slices, views):
+        image = torch.from_numpy(volume.image[z])[None, None]
+        label = torch.from_numpy(volume.labels[z].astype(np.float32))[None, None]
+        for view in slice_views:
+            composed = view.compose(theta)
+            x = apply_intensity(to_model_grid(image, composed, prep.input_size), view, noise_std)
+            inputs.append(x.expand(-1, 3, -1, -1))
+            targets.append(to_model_grid(label, composed, target_size, mode="nearest")[:, 0].long())
+    return _Views(torch.cat(inputs), torch.cat(targets))
+
+
+def _dice_per_class(logits: torch.Tensor, targets: torch.Tensor, num_classes: int) -> np.ndarray:
+    """Dice of the argmax over all given slices, per foreground class (nan where both are empty)."""
+    pred = logits.argmax(1)
+    out = np.full(num_classes, np.nan)
+    for c in range(1, num_classes + 1):
+        p, t = pred == c, targets == c
+        denom = int(p.sum() + t.sum())
+        if denom:
+            out[c - 1] = 2.0 * int((p & t).sum()) / denom
+    return out
+
+
+class _Reporter:
+    def __init__(self, json_lines: bool, enabled: bool, callback: Callable[[dict], None] | None):
+        self.json_lines, self.enabled, self.callback = json_lines, enabled, callback
+
+    def __call__(self, event: dict) -> None:
+        if not self.enabled:
+            return
+        if self.callback:
+            self.callback(event)
+        if self.json_lines:
+            print(json.dumps(event), flush=True)
+        elif event["event"] == "iteration":
+            n, total = event["iteration"], event["iterations"]
+            bar = "#" * int(30 * n / total)
+            print(f"\r[{bar:<30}] {n}/{total} loss {event['loss']:.4f} lr {event['lr']:.2e} "
+                  f"eta {event['eta_s']:.0f}s", end="", file=sys.stderr, flush=True)
+        elif event["event"] in ("validation", "encoding", "done", "stopped", "checkpoint"):
+            print(f"\n{event}" if event["event"] != "encoding" else f"\r{event['message']}", end="\n"
+                  if event["event"] != "encoding" else "", file=sys.stderr, flush=True)
+
+
+def train(config: TrainConfig, progress: Callable[[dict], None] | None = None, progress_json: bool = False,
+          stop_flag: _StopFlag | None = None) -> TrainingResult:
+    """Fine-tune and write the best checkpoint (by validation mean Dice) to ``config.output``."""
+    started = time.perf_counter()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = resolve_device(config.device)
+    if distributed:
+        rank, world = _init_distributed(device)
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)
+    else:
+        rank, world = 0, 1
+    report = _Reporter(progress_json, rank == 0, progress)
+    mode = config.mode or default_mode(device)
+    stop = stop_flag or _StopFlag()
+    if stop_flag is None and rank == 0 and _in_main_thread():
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
+    _check_config(config)
+    rng = np.random.default_rng(config.seed + rank)
+    torch.manual_seed(config.seed)
+
+    backbone = build_backbone(config.base, config.base_checkpoint, config.input_size)
+    prep = Preprocessing(**{**asdict(config.preprocessing), "input_size": backbone.input_size})
+    model = build_model(backbone, config.head, len(config.classes), mode,
+                        config.lora_rank if mode == "lora" else None, config.lora_alpha, seed=config.seed).to(device)
+    target_size = 4 * backbone.embedding_size
+    card = ModelCard(base_name=config.base, base_sha256=backbone.weights_sha256, input_size=backbone.input_size,
+                     head=config.head, mode=mode, classes=list(config.classes), preprocessing=prep,
+                     lora_rank=config.lora_rank if mode == "lora" else None,
+                     lora_alpha=(config.lora_alpha or float(config.lora_rank)) if mode == "lora" else None,
+                     base_file_name=Path(config.base_checkpoint).name if config.base_checkpoint else None,
+                     encoder_config=backbone.encoder_config)
+
+    # Data: training slices, held-out validation slices (or a validation volume).
+    volumes = [load_training_pair(i, l, config.classes, prep) for i, l in zip(config.images, config.labels)]
+    train_parts, val_parts = [], []
+    for volume in volumes:
+        slices = select_slices(volume, config.max_labeled_slices, config.background_fraction,
+                               np.random.default_rng(config.seed))
+        held = np.array([], int)
+        if config.validation_image is None and config.validation_fraction > 0:
+            foreground = np.intersect1d(slices, volume.foreground_slices)
+            count = max(1, int(round(config.validation_fraction * len(foreground)))) if len(foreground) > 4 else 0
+            held = foreground[np.linspace(0, len(foreground) - 1, count + 2).astype(int)[1:-1]] if count else held
+        train_parts.append((volume, np.setdiff1d(slices, held)))
+        if len(held):
+            val_parts.append((volume, held))
+    if config.validation_image:
+        val_volume = load_training_pair(config.validation_image, config.validation_labels, config.classes, prep)
+        val_parts = [(val_volume, val_volume.foreground_slices)]
+
+    aug = config.augmentation
+    views_per_slice = config.views_per_slice if mode == "frozen" else 1
+
+    def view_plan(slices: np.ndarray) -> list[list[ViewAugmentation]]:
+        return [[ViewAugmentation.identity()] + [sample_view(rng, aug) for _ in range(views_per_slice - 1)]
+                for _ in slices]
+
+    val_views = _Views(*[torch.cat(t) for t in zip(*[
+        (v.inputs, v.targets) for v in (_make_views(vol, s, [[ViewAugmentation.identity()]] * len(s), prep,
+                                                       target_size, 0.0) for vol, s in val_parts)])]) \
+        if val_parts else None
+
+    cache = EmbeddingCache(f"{config.base}:{backbone.weights_sha256}", config.cache_dir)
+    pool = None
+    if mode == "frozen":
+        # Every rank builds the same plan and keeps its share of the views.
+        plans = [(vol, s, view_plan(s)) for vol, s in train_parts]
+        parts = [_make_views(vol, s, plan, prep, target_size, aug.noise_std) for vol, s, plan in plans]
+        inputs, targets = torch.cat([p.inputs for p in parts]), torch.cat([p.targets for p in parts])
+        inputs, targets = inputs[rank::world], targets[rank::world]
+        embeddings = []
+        for start in range(0, len(inputs), 4):
+            if stop.stop:
+                break
+            embeddings.append(cache.encode(model.image_encoder, inputs[start:start + 4].to(device)).cpu())
+            report({"event": "encoding", "done": min(start + 4, len(inputs)), "total": len(inputs),
+                    "message": f"encoding views {min(start + 4, len(inputs))}/{len(inputs)}"})
+        pool = _Views(torch.cat(embeddings) if embeddings else torch.empty(0), targets[:len(inputs)])
+        if val_views is not None:
+            val_views = _Views(cache.encode(model.image_encoder, val_views.inputs.to(device)).cpu(), val_views.targets)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=(0.9, 0.999),
+                                  weight_decay=config.weight_decay)
+    network = model.head if mode == "frozen" else model
+    if distributed:
+        network = torch.nn.parallel.DistributedDataParallel(network, find_unused_parameters=True)
+    warmup = int(config.warmup_fraction * config.iterations)
+    resume_path = Path(str(config.output) + ".resume.pt")
+    start_iteration, best_mean, best_dice, best_state, since_best = 0, -1.0, {}, None, 0
+    if config.resume and resume_path.is_file():
+        state = torch.load(resume_path, map_location="cpu", weights_only=True)  # tensors and numbers only
+        model.load_state_dict({**model.state_dict(), **state["trainable"]})
+        optimizer.load_state_dict(state["optimizer"])
+        start_iteration, best_mean = int(state["iteration"]), float(state["best_mean"])
+        best_dice = json.loads(state["best_dice"])
+        best_state = state.get("best_state") or None
+        rng = np.random.default_rng(config.seed + rank + start_iteration)
+
+    def validate(iteration: int) -> None:
+        nonlocal best_mean, best_dice, best_state, since_best
+        if val_views is None:
+            return
+        network.eval()
+        with torch.no_grad():
+            logits = torch.cat([(model.head if mode == "frozen" else model)(val_views.inputs[i:i + 8].to(device)).cpu()
+                                for i in range(0, len(val_views.inputs), 8)])
+        network.train()
+        dice = _dice_per_class(logits, val_views.targets, len(config.classes))
+        dice_named = {c.name: (None if math.isnan(d) else round(float(d), 4)) for c, d in zip(config.classes, dice)}
+        mean = float(np.nanmean(dice)) if np.isfinite(dice).any() else 0.0
+        improved = mean > best_mean
+        report({"event": "validation", "iteration": iteration, "dice": dice_named, "mean_dice": round(mean, 4),
+                "best": improved})
+        if improved:
+            best_mean, best_dice, since_best = mean, dice_named, 0
+            best_state = {k: v.detach().cpu().clone() for k, v in trainable_state_dict(model).items()}
+            if rank == 0:
+                _write(best_state, iteration)
+        else:
+            since_best += 1
+
+    def _write(tensors, iteration: int) -> None:
+        card.training = _summary(config, mode, iteration, best_mean, best_dice, time.perf_counter() - started,
+                                 volumes, train_parts)
+        save_tensors(tensors, card, config.output)
+        report({"event": "checkpoint", "path": str(config.output), "iteration": iteration})
+
+    network.train()
+    iteration, stopped_early, loss_avg = start_iteration, False, None
+    loop_start = time.perf_counter()
+    while iteration < config.iterations and not stop.stop:
+        lr = learning_rate(iteration, config.learning_rate, config.iterations, warmup, config.poly_power)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if mode == "frozen":
+            pick = torch.from_numpy(rng.integers(0, len(pool.inputs), size=config.batch_size))
+            logits = network(pool.inputs[pick].to(device))
+            targets = pool.targets[pick].to(device)
+        else:
+            volume, slices = train_parts[int(rng.integers(len(train_parts)))]
+            chosen = rng.choice(slices, size=config.batch_size)
+            batch = _make_views(volume, chosen, [[sample_view(rng, aug)] for _ in chosen], prep, target_size,
+                                aug.noise_std)
+            logits = network(batch.inputs.to(device))
+            targets = batch.targets.to(device)
+        loss = segmentation_loss(logits.float(), targets, config.dice_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        iteration += 1
+        loss_avg = float(loss) if loss_avg is None else 0.9 * loss_avg + 0.1 * float(loss)
+        per_iteration = (time.perf_counter() - loop_start) / (iteration - start_iteration)
+        report({"event": "iteration", "iteration": iteration, "iterations": config.iterations,
+                "loss": round(float(loss), 5), "lr": lr, "eta_s": round(per_iteration * (config.iterations - iteration), 1)})
+        if iteration % config.validate_every == 0 or iteration == config.iterations:
+            validate(iteration)
+            if rank == 0:
+                _save_resume(resume_path, model, optimizer, iteration, best_mean, best_dice, best_state)
+            if config.early_stopping and since_best >= config.early_stopping:
+                stopped_early = True
+                break
+
+    if best_state is None or val_views is None:  # no validation data: the final weights are the result
+        best_state = {k: v.detach().cpu().clone() for k, v in trainable_state_dict(model).items()}
+        if rank == 0:
+            _write(best_state, iteration)
+    elif rank == 0:
+        # Refresh the summary (total time, iterations) on the best weights.
+        _write(best_state, iteration)
+    if rank == 0 and iteration >= config.iterations and resume_path.exists():
+        resume_path.unlink()
+    seconds = time.perf_counter() - started
+    report({"event": "stopped" if stop.stop else "done", "path": str(config.output), "iteration": iteration,
+            "seconds": round(seconds, 1), "best_mean_dice": round(best_mean, 4)})
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return TrainingResult(Path(config.output), best_dice, best_mean, iteration, seconds, stopped_early)
+
+
+def _save_resume(path: Path, model: SAMedModel, optimizer, iteration: int, best_mean: float, best_dice: dict,
+                 best_state: dict | None) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"iteration": iteration, "trainable": trainable_state_dict(model), "optimizer": optimizer.state_dict(),
+                "best_mean": best_mean, "best_dice": json.dumps(best_dice), "best_state": best_state or {}}, tmp)
+    os.replace(tmp, path)
+
+
+def _summary(config: TrainConfig, mode: str, iteration: int, best_mean: float, best_dice: dict, seconds: float,
+             volumes: list[TrainingVolume], train_parts) -> dict:
+    return {"mode": mode, "iterations": iteration, "iterations_planned": config.iterations,
+            "batch_size": config.batch_size, "learning_rate": config.learning_rate,
+            "views_per_slice": config.views_per_slice, "training_slices": int(sum(len(s) for _, s in train_parts)),
+            "images": [v.name for v in volumes], "validation_mean_dice": round(best_mean, 4),
+            "validation_dice": best_dice, "seconds": round(seconds, 1), "seed": config.seed,
+            "augmentation": config.augmentation.to_dict(), "torch": torch.__version__}
+
+
+def _check_config(config: TrainConfig) -> None:
+    if not config.images or len(config.images) != len(config.labels):
+        raise SAMedError(f"need one --labels per --image: got {len(config.images)} images and "
+                         f"{len(config.labels)} label maps")
+    if config.iterations < 1 or config.batch_size < 1 or config.views_per_slice < 1:
+        raise SAMedError("iterations, batch size and views per slice must be >= 1")
+    if (config.validation_image is None) != (config.validation_labels is None):
+        raise SAMedError("a validation volume needs both --val-image and --val-labels")
+    if not str(config.output).endswith(".safetensors"):
+        raise SAMedError(f"output must be a .safetensors file, got {config.output}")
+
+
+def _init_distributed(device: str) -> tuple[int, int]:
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
