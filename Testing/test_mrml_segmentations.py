@@ -85,7 +85,11 @@ def test_names_colours_terminology_reference_geometry_and_hierarchy(mrml):
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(mrml.scene)
     patient = sh.CreateSubjectItem(sh.GetSceneItemID(), "Patient 1")
     study = sh.CreateStudyItem(patient, "CT study")
-    sh.SetItemParent(sh.GetItemByDataNode(volume), study)
+    # Inside Slicer a Qt plugin creates items for new nodes; headless we create the volume's item ourselves.
+    if sh.GetItemByDataNode(volume):
+        sh.SetItemParent(sh.GetItemByDataNode(volume), study)
+    else:
+        sh.CreateItem(study, volume)
 
     node = labelmap_to_segmentation(labels, CLASSES, volume)
     segmentation = node.GetSegmentation()
@@ -222,6 +226,17 @@ def test_linear_transform_is_followed_and_nonlinear_refused(mrml):
     volume.SetAndObserveTransformNodeID(transform.GetID())
     node = labelmap_to_segmentation(labels, CLASSES, volume)
     assert node.GetTransformNodeID() == transform.GetID()
+    # reference geometry = the volume's own (local) grid, since both nodes share the transform
+    reference = slicer.vtkOrientedImageData()
+    assert slicer.vtkSegmentationConverter.DeserializeImageGeometry(
+        node.GetSegmentation().GetConversionParameter("Reference image geometry"), reference, False)
+    m_ref, m_vol = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    reference.GetImageToWorldMatrix(m_ref)
+    volume.GetIJKToRASMatrix(m_vol)
+    np.testing.assert_allclose(slicer.util.arrayFromVTKMatrix(m_ref), slicer.util.arrayFromVTKMatrix(m_vol), atol=1e-6)
+    # and the segments still sit on the volume's voxels
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(segmentation_to_labelmap(node, volume, [("liver", 5)])),
+                                  np.where(_labels_array() == 5, 5, 0))
 
     warp = mrml.scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "warp")
     grid = vtk.vtkImageData()
@@ -375,8 +390,8 @@ def test_labelmap_export_from_closed_surface_leaves_node_untouched(mrml):
     sphere.SetThetaResolution(32)
     sphere.SetPhiResolution(32)
     sphere.Update()
-    node.AddSegmentFromClosedSurfaceRepresentation(sphere.GetOutput(), "ball", (0, 1, 0))
-    got = sitk.GetArrayFromImage(segmentation_to_labelmap(node, volume, [("ball", 1)]))
+    segment_id = node.AddSegmentFromClosedSurfaceRepresentation(sphere.GetOutput(), "ball", (0, 1, 0))
+    got = sitk.GetArrayFromImage(segmentation_to_labelmap(node, volume, [(segment_id, 1)]))
     k, j, i = np.indices(got.shape)
     inside = (i - 10) ** 2 + (j - 10) ** 2 + (k - 10) ** 2 <= 4 ** 2
     assert got[inside].all() and got.sum() < (4 / 3 * np.pi * 6 ** 3)

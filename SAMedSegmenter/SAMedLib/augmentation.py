@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-__all__ = ["AugmentationConfig", "ViewAugmentation", "sample_view", "apply_intensity"]
+__all__ = ["AugmentationConfig", "ViewAugmentation", "sample_view", "apply_intensity", "apply_class_offsets"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,10 @@ class AugmentationConfig:
     brightness: float = 0.1
     gamma_range: tuple[float, float] = (0.7, 1.5)
     noise_std: float = 0.02
+    # Per-class intensity offset (in window units: 0.25 = 100 HU on SAMed's 400 HU window), drawn once per
+    # view and class. It imitates contrast phases: an aorta at 40 HU without contrast and 150 HU with it.
+    class_offset_range: tuple[float, float] = (-0.05, 0.35)
+    p_class_offset: float = 0.5
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -41,6 +45,7 @@ class ViewAugmentation:
     brightness: float = 0.0
     gamma: float = 1.0
     noise_seed: int = -1  # -1: no noise
+    class_offsets: tuple[float, ...] = ()  # added to each foreground class's voxels (index 1..C), before resampling
 
     @classmethod
     def identity(cls) -> "ViewAugmentation":
@@ -54,7 +59,7 @@ class ViewAugmentation:
         return full[:2]
 
 
-def sample_view(rng: np.random.Generator, config: AugmentationConfig) -> ViewAugmentation:
+def sample_view(rng: np.random.Generator, config: AugmentationConfig, num_classes: int = 0) -> ViewAugmentation:
     matrix = np.eye(2)
     if rng.random() < config.p_rot90_flip:
         k = int(rng.integers(4))
@@ -73,7 +78,17 @@ def sample_view(rng: np.random.Generator, config: AugmentationConfig) -> ViewAug
         contrast=float(rng.uniform(*config.contrast_range)),
         brightness=float(rng.uniform(-config.brightness, config.brightness)),
         gamma=float(math.exp(rng.uniform(math.log(config.gamma_range[0]), math.log(config.gamma_range[1])))),
-        noise_seed=int(rng.integers(2**31)) if config.noise_std > 0 else -1)
+        noise_seed=int(rng.integers(2**31)) if config.noise_std > 0 else -1,
+        class_offsets=tuple(float(v) for v in rng.uniform(*config.class_offset_range, size=num_classes))
+        if num_classes and rng.random() < config.p_class_offset else ())
+
+
+def apply_class_offsets(image: torch.Tensor, labels: torch.Tensor, view: ViewAugmentation) -> torch.Tensor:
+    """Shift each class's intensities by its offset (native slice, before resampling), clipped to [0, 1]."""
+    if not view.class_offsets:
+        return image
+    offsets = torch.tensor((0.0, *view.class_offsets), dtype=image.dtype)
+    return (image + offsets[labels.long().clamp(max=len(view.class_offsets))]).clamp(0, 1)
 
 
 def apply_intensity(image: torch.Tensor, view: ViewAugmentation, noise_std: float) -> torch.Tensor:

@@ -149,6 +149,12 @@ def _build_sam_vit(name: str, checkpoint, input_size: int, encoder_config: dict 
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
 
     official = SAM_VIT_CONFIGS[name]
+    expected = official["official_file"]
+    if pretrained:  # check the file before building (ViT-H alone takes seconds and 2.5 GB to build)
+        if checkpoint is None:
+            raise BackboneError(f"{name} needs the official checkpoint file: pass --base-checkpoint /path/to/{expected}")
+        if not Path(checkpoint).is_file():
+            raise BackboneError(f"{name} checkpoint not found: {checkpoint} (expected the official {expected})")
     config = {k: official[k] for k in ("embed_dim", "depth", "num_heads", "global_attn_indexes")}
     config.update(encoder_config or {})
     if input_size % 16 or input_size < 64:
@@ -165,14 +171,12 @@ def _build_sam_vit(name: str, checkpoint, input_size: int, encoder_config: dict 
                                transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256)
     sha = "random"
     if pretrained:
-        expected = official["official_file"]
-        if checkpoint is None:
-            raise BackboneError(f"{name} needs the official checkpoint file: pass --base-checkpoint /path/to/{expected}")
         path = Path(checkpoint)
-        if not path.is_file():
-            raise BackboneError(f"{name} checkpoint not found: {path} (expected the official {expected})")
         state = _load_state_dict(path, name)
-        state = _resize_position_embeddings(state, encoder)
+        try:
+            state = _resize_position_embeddings(state, encoder)
+        except BackboneError as exc:
+            raise BackboneError(f"{path} does not match {name} (expected the official {expected}): {exc}") from exc
         container = nn.Module()
         container.image_encoder, container.prompt_encoder, container.mask_decoder = encoder, prompt_encoder, mask_decoder
         try:

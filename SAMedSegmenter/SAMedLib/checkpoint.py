@@ -129,10 +129,11 @@ SYNAPSE_CLASSES = "1:spleen,2:kidney_right,3:kidney_left,4:gallbladder,5:liver,6
 
 
 def import_samed_checkpoint(samed_path: str | Path, base_checkpoint: str | Path, classes: list[SegmentClass],
-                            input_size: int = 512) -> tuple[SAMedModel, ModelCard]:
+                            input_size: int = 512, encoder_config: dict | None = None) -> tuple[SAMedModel, ModelCard]:
     """Convert SAMed's published ``torch.save`` layout (w_a_NNN / w_b_NNN, prompt_encoder.*, mask_decoder.*).
 
     Read with ``weights_only=True``: a pickle that tries to run code is refused, not executed.
+    ``encoder_config`` (a non-official ViT shape, for tests) is passed to the backbone and recorded in the card.
     """
     samed_path = Path(samed_path)
     if not samed_path.is_file():
@@ -144,11 +145,15 @@ def import_samed_checkpoint(samed_path: str | Path, base_checkpoint: str | Path,
                               f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:160]})") from exc
     if not isinstance(state, dict) or not any(k.startswith("w_a_") for k in state):
         raise CheckpointError(f"{samed_path} is not in SAMed's layout (no w_a_NNN LoRA tensors)")
+    for key in ("w_a_000", "w_b_000", "mask_decoder.mask_tokens.weight", "prompt_encoder.no_mask_embed.weight",
+                "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"):
+        if key not in state:
+            raise CheckpointError(f"{samed_path} is not in SAMed's layout: tensor '{key}' is missing")
     num_classes = state["mask_decoder.mask_tokens.weight"].shape[0] - 1
     if num_classes != len(classes):
         raise CheckpointError(f"{samed_path} predicts {num_classes} classes but {len(classes)} were given")
     rank = state["w_a_000"].shape[0]
-    backbone = build_backbone("sam_vit_b", base_checkpoint, input_size)
+    backbone = build_backbone("sam_vit_b", base_checkpoint, input_size, encoder_config)
     model = build_model(backbone, "samed", num_classes, "lora", lora_rank=rank, lora_alpha=rank)  # SAMed: no scaling
     from .lora import lora_layers
 
@@ -158,8 +163,12 @@ def import_samed_checkpoint(samed_path: str | Path, base_checkpoint: str | Path,
                               f"blocks, sam_vit_b has {len(layers)}")
     with torch.no_grad():
         for i, layer in enumerate(layers):  # SAMed saves q then v for each block
-            layer.linear.lora_A.copy_(torch.cat([state[f"w_a_{2 * i:03d}"], state[f"w_a_{2 * i + 1:03d}"]], 0))
-            layer.linear.lora_B.copy_(torch.cat([state[f"w_b_{2 * i:03d}"], state[f"w_b_{2 * i + 1:03d}"]], 0))
+            try:
+                layer.linear.lora_A.copy_(torch.cat([state[f"w_a_{2 * i:03d}"], state[f"w_a_{2 * i + 1:03d}"]], 0))
+                layer.linear.lora_B.copy_(torch.cat([state[f"w_b_{2 * i:03d}"], state[f"w_b_{2 * i + 1:03d}"]], 0))
+            except (KeyError, RuntimeError) as exc:  # a missing w_b_NNN, or LoRA of another ViT size
+                raise CheckpointError(f"{samed_path}: LoRA tensors of block {i} do not fit sam_vit_b: "
+                                      f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:160]}") from exc
         head = model.head
         head.no_mask_embed.weight.copy_(state["prompt_encoder.no_mask_embed.weight"])
         head.pe_layer.positional_encoding_gaussian_matrix.copy_(
@@ -171,7 +180,7 @@ def import_samed_checkpoint(samed_path: str | Path, base_checkpoint: str | Path,
             raise CheckpointError(f"{samed_path}: mask decoder does not match: {str(exc)[:200]}") from exc
     card = ModelCard(base_name="sam_vit_b", base_sha256=backbone.weights_sha256, input_size=input_size, head="samed",
                      mode="lora", classes=list(classes), lora_rank=rank, lora_alpha=float(rank),
-                     base_file_name=Path(base_checkpoint).name,
+                     base_file_name=Path(base_checkpoint).name, encoder_config=backbone.encoder_config,
                      preprocessing=Preprocessing(inplane="stretch", input_size=input_size),
                      training={"imported_from": samed_path.name, "source": "SAMed (Zhang & Liu 2023) layout"})
     return model, card

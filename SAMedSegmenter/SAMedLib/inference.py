@@ -111,14 +111,16 @@ def segment_image(image: sitk.Image, model: LoadedModel, *, device: str = "auto"
         slices = torch.from_numpy(normalize_intensity(volume[done:stop], prep, value_range))
         try:
             class_index = _predict_batch(net, slices, theta, prep, device)
-        except torch.cuda.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError as exc:
             torch.cuda.empty_cache()
             if batch > 1:
                 batch = max(1, batch // 2)
                 log.warning("CUDA out of memory: retrying with batch size %d", batch)
-            else:
+            elif device != "cpu":
                 log.warning("CUDA out of memory even for one slice: continuing on the CPU")
                 device, net = "cpu", net.to("cpu")
+            else:  # already on the CPU with one slice: retrying would loop forever
+                raise SAMedError("out of memory even for one slice on the CPU") from exc
             continue
         labels[done:stop] = values[class_index.cpu()].numpy().astype(out_dtype)
         done = stop

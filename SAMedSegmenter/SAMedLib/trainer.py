@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .augmentation import AugmentationConfig, ViewAugmentation, apply_intensity, sample_view
+from .augmentation import AugmentationConfig, ViewAugmentation, apply_class_offsets, apply_intensity, sample_view
 from .backbones import build_backbone
 from .checkpoint import save_tensors
 from .classes import SegmentClass
@@ -116,7 +116,8 @@ def _make_views(volume: TrainingVolume, slices: np.ndarray, views: list[list[Vie
         label = torch.from_numpy(volume.labels[z].astype(np.float32))[None, None]
         for view in slice_views:
             composed = view.compose(theta)
-            x = apply_intensity(to_model_grid(image, composed, prep.input_size), view, noise_std)
+            shifted = apply_class_offsets(image, label, view)
+            x = apply_intensity(to_model_grid(shifted, composed, prep.input_size), view, noise_std)
             inputs.append(x.expand(-1, 3, -1, -1))
             targets.append(to_model_grid(label, composed, target_size, mode="nearest")[:, 0].long())
     return _Views(torch.cat(inputs), torch.cat(targets))
@@ -199,7 +200,8 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None, p
         held = np.array([], int)
         if config.validation_image is None and config.validation_fraction > 0:
             foreground = np.intersect1d(slices, volume.foreground_slices)
-            count = max(1, int(round(config.validation_fraction * len(foreground)))) if len(foreground) > 4 else 0
+            # Few labeled slices are all needed for training; then the final weights are the result.
+            count = max(1, int(round(config.validation_fraction * len(foreground)))) if len(foreground) >= 20 else 0
             held = foreground[np.linspace(0, len(foreground) - 1, count + 2).astype(int)[1:-1]] if count else held
         train_parts.append((volume, np.setdiff1d(slices, held)))
         if len(held):
@@ -212,7 +214,7 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None, p
     views_per_slice = config.views_per_slice if mode == "frozen" else 1
 
     def view_plan(slices: np.ndarray) -> list[list[ViewAugmentation]]:
-        return [[ViewAugmentation.identity()] + [sample_view(rng, aug) for _ in range(views_per_slice - 1)]
+        return [[ViewAugmentation.identity()] + [sample_view(rng, aug, len(config.classes)) for _ in range(views_per_slice - 1)]
                 for _ in slices]
 
     val_views = _Views(*[torch.cat(t) for t in zip(*[
@@ -300,7 +302,7 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None, p
         else:
             volume, slices = train_parts[int(rng.integers(len(train_parts)))]
             chosen = rng.choice(slices, size=config.batch_size)
-            batch = _make_views(volume, chosen, [[sample_view(rng, aug)] for _ in chosen], prep, target_size,
+            batch = _make_views(volume, chosen, [[sample_view(rng, aug, len(config.classes))] for _ in chosen], prep, target_size,
                                 aug.noise_std)
             logits = network(batch.inputs.to(device))
             targets = batch.targets.to(device)
@@ -309,10 +311,11 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None, p
         loss.backward()
         optimizer.step()
         iteration += 1
-        loss_avg = float(loss) if loss_avg is None else 0.9 * loss_avg + 0.1 * float(loss)
+        loss_value = loss.item()  # float(loss) warns: it still requires grad
+        loss_avg = loss_value if loss_avg is None else 0.9 * loss_avg + 0.1 * loss_value
         per_iteration = (time.perf_counter() - loop_start) / (iteration - start_iteration)
         report({"event": "iteration", "iteration": iteration, "iterations": config.iterations,
-                "loss": round(float(loss), 5), "lr": lr, "eta_s": round(per_iteration * (config.iterations - iteration), 1)})
+                "loss": round(loss_value, 5), "lr": lr, "eta_s": round(per_iteration * (config.iterations - iteration), 1)})
         if iteration % config.validate_every == 0 or iteration == config.iterations:
             validate(iteration)
             if rank == 0:
@@ -320,6 +323,9 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None, p
             if config.early_stopping and since_best >= config.early_stopping:
                 stopped_early = True
                 break
+    if stop.stop and rank == 0 and iteration < config.iterations:
+        # Stopped by SIGINT/SIGTERM/the caller: --resume continues from here, not from the last validation.
+        _save_resume(resume_path, model, optimizer, iteration, best_mean, best_dice, best_state)
 
     if best_state is None or val_views is None:  # no validation data: the final weights are the result
         best_state = {k: v.detach().cpu().clone() for k, v in trainable_state_dict(model).items()}

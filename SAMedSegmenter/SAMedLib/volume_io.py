@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .errors import SAMedError
+
 __all__ = [
     "VolumeError",
     "read_volume",
@@ -43,7 +45,7 @@ __all__ = [
 WRITABLE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 
-class VolumeError(ValueError):
+class VolumeError(SAMedError, ValueError):
     """A volume cannot be used; the message names the file and the problem on one line."""
 
 

@@ -1,0 +1,223 @@
+"""``samed``: the command-line interface (segment, evaluate, train, info, import-samed).
+
+Bad input ends with a one-line ``samed: error: ...`` message and exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+EXIT_BAD_INPUT = 2
+EXIT_CANCELLED = 130
+
+
+def _progress_bar(prefix: str):
+    start = time.perf_counter()
+
+    def report(fraction: float, message: str) -> None:
+        bar = "#" * int(30 * fraction)
+        print(f"\r{prefix} [{bar:<30}] {100 * fraction:5.1f}% {message} ({time.perf_counter() - start:.0f}s)",
+              end="\n" if fraction >= 1 else "", file=sys.stderr, flush=True)
+
+    return report
+
+
+def _json_safe(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def cmd_segment(args) -> int:
+    from .checkpoint import load_model
+    from .inference import resolve_device, segment_image
+    from .segfile import write_seg_nrrd
+    from .volume_io import WRITABLE_EXTENSIONS, VolumeError, read_volume, write_image
+
+    # Check output names before minutes of work (and so a bad --seg-nrrd cannot leave a half-done result).
+    if not Path(args.output).name.lower().endswith(WRITABLE_EXTENSIONS):
+        raise VolumeError(f"{args.output}: unsupported output extension; use one of {', '.join(WRITABLE_EXTENSIONS)}")
+    if args.seg_nrrd and not Path(args.seg_nrrd).name.lower().endswith(".seg.nrrd"):
+        raise VolumeError(f"{args.seg_nrrd}: a segmentation file must end with .seg.nrrd")
+    device = resolve_device(args.device)
+    image = read_volume(args.input)
+    model = load_model(args.model, device=device, base_checkpoint=args.base_checkpoint)
+    labels = segment_image(image, model, device=device, batch_size=args.batch_size,
+                           largest_component=args.largest_component,
+                           progress=None if args.quiet else _progress_bar("segment"))
+    write_image(labels, args.output)
+    if args.seg_nrrd:
+        write_seg_nrrd(labels, model.card.classes, args.seg_nrrd)
+    print(f"wrote {args.output}" + (f" and {args.seg_nrrd}" if args.seg_nrrd else ""), file=sys.stderr)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .classes import parse_class_list
+    from .evaluation import evaluate_files
+    from .metrics import format_table
+
+    classes = parse_class_list(args.classes)
+    scores = evaluate_files(args.prediction, args.reference, classes)
+    if args.json:
+        print(json.dumps(_json_safe(scores), indent=1))
+    else:
+        print(format_table(scores, classes))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .augmentation import AugmentationConfig
+    from .classes import parse_class_list
+    from .model_card import Preprocessing
+    from .trainer import TrainConfig, train
+
+    if len(args.image) != len(args.labels):
+        raise SystemExit(_fail(f"need one --labels per --image (got {len(args.image)} and {len(args.labels)})"))
+    prep = Preprocessing(modality=args.modality, window=tuple(args.window),
+                         pixel_spacing_mm=args.pixel_spacing, inplane=args.inplane)
+    augmentation = AugmentationConfig() if not args.no_augmentation else AugmentationConfig(
+        p_rot90_flip=0, p_small_rotation=0, scale_range=(1, 1), max_shift=0, contrast_range=(1, 1), brightness=0,
+        gamma_range=(1, 1), noise_std=0, p_class_offset=0)
+    config = TrainConfig(
+        images=args.image, labels=args.labels, classes=parse_class_list(args.classes), output=args.output,
+        base=args.base, base_checkpoint=args.base_checkpoint, input_size=args.input_size, mode=args.mode,
+        head=args.head, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, iterations=args.iterations,
+        batch_size=args.batch_size, learning_rate=args.lr, views_per_slice=args.views_per_slice,
+        max_labeled_slices=args.max_labeled_slices, validation_image=args.val_image,
+        validation_labels=args.val_labels, validate_every=args.validate_every, early_stopping=args.early_stopping,
+        device=args.device, seed=args.seed, cache_dir=args.cache_dir, resume=args.resume, preprocessing=prep,
+        augmentation=augmentation)
+    result = train(config, progress_json=args.progress_json)
+    if not args.progress_json:
+        print(f"wrote {result.path} (validation mean Dice {result.best_mean_dice:.3f}, "
+              f"{result.iterations_done} iterations, {result.seconds:.0f} s)", file=sys.stderr)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .checkpoint import read_model_card
+
+    print(read_model_card(args.model).to_json())
+    return 0
+
+
+def cmd_import_samed(args) -> int:
+    from .checkpoint import SYNAPSE_CLASSES, import_samed_checkpoint, save_checkpoint
+    from .classes import parse_class_list
+
+    model, card = import_samed_checkpoint(args.samed_checkpoint, args.base_checkpoint,
+                                          parse_class_list(args.classes or SYNAPSE_CLASSES), args.input_size)
+    save_checkpoint(model, card, args.output)
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="samed", description="SAMed/AutoSAM prompt-free segmentation of CT/MR volumes")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show warnings and debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    seg = sub.add_parser("segment", help="segment a volume with a fine-tuned model")
+    seg.add_argument("input", help="NIfTI/NRRD/MHA file or DICOM series folder")
+    seg.add_argument("--model", required=True, help="fine-tuned .safetensors checkpoint")
+    seg.add_argument("--output", required=True, help="label map to write (.nii.gz, .nii, .nrrd, .mha)")
+    seg.add_argument("--seg-nrrd", help="also write a Slicer segmentation (.seg.nrrd)")
+    seg.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
+    seg.add_argument("--batch-size", type=int, default=None, help="slices per forward pass (default 16 GPU / 4 CPU)")
+    seg.add_argument("--largest-component", action="store_true", help="keep each class's largest 3D component")
+    seg.add_argument("--base-checkpoint", help="official SAM checkpoint, for models fine-tuned from sam_vit_*")
+    seg.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    seg.set_defaults(func=cmd_segment)
+
+    ev = sub.add_parser("evaluate", help="Dice and HD95 (mm) of a prediction against a reference label map")
+    ev.add_argument("--prediction", required=True)
+    ev.add_argument("--reference", required=True)
+    ev.add_argument("--classes", required=True, help="VALUE:NAME,... e.g. 1:spleen,5:liver")
+    ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ev.set_defaults(func=cmd_evaluate)
+
+    tr = sub.add_parser("train", help="fine-tune on labeled volumes")
+    tr.add_argument("--image", action="append", required=True, help="training image (repeat for more pairs)")
+    tr.add_argument("--labels", action="append", required=True, help="label map of the preceding --image")
+    tr.add_argument("--classes", required=True, help="VALUE:NAME,... (other label values count as background)")
+    tr.add_argument("--base", default="litemedsam", choices=["litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h"])
+    tr.add_argument("--base-checkpoint", help="official SAM checkpoint file (required for sam_vit_*)")
+    tr.add_argument("--input-size", type=int, help="encoder input size (sam_vit_*: default 1024; SAMed uses 512)")
+    tr.add_argument("--mode", choices=["lora", "frozen"], help="default: lora on CUDA, frozen on CPU")
+    tr.add_argument("--head", default="samed", choices=["samed", "autosam_vit", "cnn", "linear"])
+    tr.add_argument("--lora-rank", type=int, default=4)
+    tr.add_argument("--lora-alpha", type=float, help="LoRA alpha (default = rank: scaling 1, as SAMed)")
+    tr.add_argument("--iterations", type=int, default=400)
+    tr.add_argument("--batch-size", type=int, default=8)
+    tr.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, warm-up + poly decay)")
+    tr.add_argument("--views-per-slice", type=int, default=3, help="frozen mode: plain + augmented views encoded once")
+    tr.add_argument("--max-labeled-slices", type=int, help="use only this many labeled slices (label-efficiency)")
+    tr.add_argument("--val-image", help="validation volume (default: hold out 10%% of labeled slices)")
+    tr.add_argument("--val-labels", help="label map of --val-image")
+    tr.add_argument("--validate-every", type=int, default=50)
+    tr.add_argument("--early-stopping", type=int, help="stop after this many validations without improvement")
+    tr.add_argument("--modality", default="CT", choices=["CT", "MR"])
+    tr.add_argument("--window", type=float, nargs=2, default=[-125.0, 275.0], metavar=("LOW", "HIGH"))
+    tr.add_argument("--inplane", default="spacing", choices=["spacing", "stretch"])
+    tr.add_argument("--pixel-spacing", type=float, default=1.6, help="mm per model pixel (inplane=spacing)")
+    tr.add_argument("--no-augmentation", action="store_true")
+    tr.add_argument("--device", default="auto")
+    tr.add_argument("--seed", type=int, default=1234)
+    tr.add_argument("--cache-dir", help="keep frozen-encoder embeddings here for later runs")
+    tr.add_argument("--resume", action="store_true", help="continue an interrupted run with the same options")
+    tr.add_argument("--progress-json", action="store_true", help="one JSON object per line on stdout")
+    tr.add_argument("--output", required=True, help="checkpoint to write (.safetensors)")
+    tr.set_defaults(func=cmd_train)
+
+    info = sub.add_parser("info", help="print a checkpoint's model card as JSON")
+    info.add_argument("model")
+    info.set_defaults(func=cmd_info)
+
+    imp = sub.add_parser("import-samed", help="convert SAMed's published ViT-B LoRA checkpoint")
+    imp.add_argument("samed_checkpoint")
+    imp.add_argument("--base-checkpoint", required=True, help="official sam_vit_b_01ec64.pth")
+    imp.add_argument("--classes", help="VALUE:NAME,... (default: SAMed's Synapse order)")
+    imp.add_argument("--input-size", type=int, default=512)
+    imp.add_argument("--output", required=True)
+    imp.set_defaults(func=cmd_import_samed)
+    return parser
+
+
+def _fail(message: str) -> int:
+    print(f"samed: error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="samed: %(message)s")
+    if not args.verbose:
+        import warnings
+
+        warnings.filterwarnings("ignore", category=FutureWarning)  # timm's deprecation notices
+    from .errors import SAMedError
+    from .inference import Cancelled
+
+    try:
+        return args.func(args)
+    except Cancelled:
+        print("samed: cancelled", file=sys.stderr)
+        return EXIT_CANCELLED
+    except (SAMedError, ValueError, FileNotFoundError) as exc:
+        return _fail(str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""SAMedTrainerLib: the SAMedTrainer module's logic, without Qt (runs headless with slicer-core)."""
