@@ -55,8 +55,8 @@ a CUDA GPU is much faster. A volume under a non-linear transform must be hardene
 """)
         self.parent.acknowledgementText = _("""
 Builds on SAMed (K. Zhang and D. Liu, "Customized Segment Anything Model for Medical Image
-Segmentation", arXiv:2304.13785, 2023), AutoSAM (T. Shaharabany et al., "AutoSAM: Adapting
-SAM to Medical Images by Overloading the Prompt Encoder", arXiv:2306.06370, 2023), Segment
+Segmentation", arXiv:2304.13785, 2023), AutoSAM (X. Hu, X. Xu and Y. Shi, "How to Efficiently
+Adapt Large Segmentation Model (SAM) to Medical Images", arXiv:2306.13731, 2023), Segment
 Anything (A. Kirillov et al., ICCV 2023) and LiteMedSAM/MedSAM (J. Ma et al., Nature
 Communications 2024). Sample CT data from the TotalSegmentator project (Apache-2.0).
 """)

@@ -53,8 +53,8 @@ AutoSAM ViT, CNN or linear; fast on a CPU).</p>
 of the same kind of scan give a usable model for that kind of scan only.</p>
 """)
         self.parent.acknowledgementText = _("""
-Builds on SAMed (K. Zhang and D. Liu, arXiv:2304.13785, 2023), AutoSAM (T. Shaharabany et al.,
-arXiv:2306.06370, 2023), Segment Anything (A. Kirillov et al., ICCV 2023) and LiteMedSAM/MedSAM
+Builds on SAMed (K. Zhang and D. Liu, arXiv:2304.13785, 2023), AutoSAM (X. Hu, X. Xu and Y. Shi,
+arXiv:2306.13731, 2023), Segment Anything (A. Kirillov et al., ICCV 2023) and LiteMedSAM/MedSAM
 (J. Ma et al., Nature Communications 2024).
 """)
 

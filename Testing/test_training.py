@@ -374,11 +374,16 @@ def test_short_real_fine_tune_raises_liver_dice(shared_data, tmp_path, capsys, l
     """Frozen LiteMedSAM + CNN head, 8 labeled slices of the 3 mm scan, 30 iterations; then segment 4 slices of
     the other scanner's DICOM series and score the liver against its reference (resampled in physical space)."""
     out = tmp_path / "organs.safetensors"
+    # Validation volume: two other slices of the DICOM scan (its label file is given whole: the trainer resamples it).
+    dicom = read_volume(shared_data / "ct_dicom")
+    validation = tmp_path / "dicom_2_slices.nii.gz"
+    sitk.WriteImage(dicom[:, :, 2:4], str(validation))
     code = cli.main(["train", "--image", str(shared_data / "ct_3mm.nii.gz"), "--labels",
                      str(shared_data / "ct_3mm_labels.nii.gz"), "--classes", FOUR_ORGANS, "--mode", "frozen",
                      "--head", "cnn", "--views-per-slice", "1", "--max-labeled-slices", "8", "--iterations", "30",
-                     "--batch-size", "4", "--validate-every", "10", "--device", "cpu", "--progress-json",
-                     "--output", str(out)])
+                     "--batch-size", "4", "--validate-every", "10", "--val-image", str(validation),
+                     "--val-labels", str(shared_data / "ct_dicom_labels.nii.gz"), "--device", "cpu",
+                     "--progress-json", "--output", str(out)])
     assert code == 0
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
 
@@ -400,10 +405,11 @@ def test_short_real_fine_tune_raises_liver_dice(shared_data, tmp_path, capsys, l
 
     card = read_model_card(out)
     assert card.head == "cnn" and card.mode == "frozen" and [c.value for c in card.classes] == [1, 5, 6, 52]
-    assert card.training["iterations"] == 30 and card.training["training_slices"] >= 8
+    assert card.training["iterations"] == 30 and card.training["training_slices"] == 9  # 8 labeled + 1 background
+    assert card.training["validation_mean_dice"] == max(e["mean_dice"] for e in validations)  # best one kept
 
     # Score on the DICOM scan (another scanner, field of view and orientation of its label file).
-    image = read_volume(shared_data / "ct_dicom")[:, :, 8:12]
+    image = dicom[:, :, 8:12]
     reference = sitk.ReadImage(str(shared_data / "ct_dicom_labels.nii.gz"))
     trained = load_model(out)
     shared = SharedEncoder(trained.model.image_encoder)

@@ -125,6 +125,8 @@ def cmd_import_samed(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .trainer import TrainConfig  # the defaults live in one place
+
     parser = argparse.ArgumentParser(prog="samed", description="SAMed/AutoSAM prompt-free segmentation of CT/MR volumes")
     parser.add_argument("-v", "--verbose", action="store_true", help="show warnings and debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -157,16 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--input-size", type=int, help="encoder input size (sam_vit_*: default 1024; SAMed uses 512)")
     tr.add_argument("--mode", choices=["lora", "frozen"], help="default: lora on CUDA, frozen on CPU")
     tr.add_argument("--head", default="samed", choices=["samed", "autosam_vit", "cnn", "linear"])
-    tr.add_argument("--lora-rank", type=int, default=4)
+    tr.add_argument("--lora-rank", type=int, default=TrainConfig.lora_rank)
     tr.add_argument("--lora-alpha", type=float, help="LoRA alpha (default = rank: scaling 1, as SAMed)")
-    tr.add_argument("--iterations", type=int, default=400)
-    tr.add_argument("--batch-size", type=int, default=8)
-    tr.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, warm-up + poly decay)")
-    tr.add_argument("--views-per-slice", type=int, default=3, help="frozen mode: plain + augmented views encoded once")
+    tr.add_argument("--iterations", type=int, default=TrainConfig.iterations)
+    tr.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    tr.add_argument("--lr", type=float, default=TrainConfig.learning_rate,
+                    help="peak learning rate (AdamW, warm-up + poly decay)")
+    tr.add_argument("--views-per-slice", type=int, default=TrainConfig.views_per_slice,
+                    help="frozen mode: plain + augmented views, each encoded once")
     tr.add_argument("--max-labeled-slices", type=int, help="use only this many labeled slices (label-efficiency)")
     tr.add_argument("--val-image", help="validation volume (default: hold out 10%% of labeled slices)")
     tr.add_argument("--val-labels", help="label map of --val-image")
-    tr.add_argument("--validate-every", type=int, default=50)
+    tr.add_argument("--validate-every", type=int, default=TrainConfig.validate_every)
     tr.add_argument("--early-stopping", type=int, help="stop after this many validations without improvement")
     tr.add_argument("--modality", default="CT", choices=["CT", "MR"])
     tr.add_argument("--window", type=float, nargs=2, default=[-125.0, 275.0], metavar=("LOW", "HIGH"))

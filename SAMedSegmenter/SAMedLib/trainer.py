@@ -58,14 +58,14 @@ class TrainConfig:
     head: str = "samed"
     lora_rank: int = 4
     lora_alpha: float | None = None
-    iterations: int = 400
-    batch_size: int = 8
+    iterations: int = 200  # CPU defaults: one-volume fine-tuning in under 10 minutes on 2 cores
+    batch_size: int = 6
     learning_rate: float = 1e-3
     warmup_fraction: float = 0.1
     weight_decay: float = 0.1
     dice_weight: float = 0.8
     poly_power: float = 0.9
-    views_per_slice: int = 2  # frozen mode: the plain slice + augmented copies, each encoded once
+    views_per_slice: int = 3  # frozen mode: the plain slice + augmented copies, each encoded once
     max_labeled_slices: int | None = None
     background_fraction: float = 0.15
     validation_fraction: float = 0.1
@@ -158,7 +158,23 @@ class _Reporter:
 
 def train(config: TrainConfig, progress: Callable[[dict], None] | None = None, progress_json: bool = False,
           stop_flag: _StopFlag | None = None) -> TrainingResult:
-    """Fine-tune and write the best checkpoint (by validation mean Dice) to ``config.output``."""
+    """Fine-tune and write the best checkpoint (by validation mean Dice) to ``config.output``.
+
+    Without a ``stop_flag``, SIGINT/SIGTERM stop training cleanly (best checkpoint kept) while it runs;
+    the previous handlers are restored afterwards.
+    """
+    stop = stop_flag or _StopFlag()
+    if stop_flag is not None or not _in_main_thread():
+        return _train(config, progress, progress_json, stop)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _train(config, progress, progress_json, stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _train(config: TrainConfig, progress, progress_json: bool, stop: _StopFlag) -> TrainingResult:
     started = time.perf_counter()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     device = resolve_device(config.device)
@@ -171,10 +187,6 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None, p
         rank, world = 0, 1
     report = _Reporter(progress_json, rank == 0, progress)
     mode = config.mode or default_mode(device)
-    stop = stop_flag or _StopFlag()
-    if stop_flag is None and rank == 0 and _in_main_thread():
-        signal.signal(signal.SIGINT, stop)
-        signal.signal(signal.SIGTERM, stop)
     _check_config(config)
     rng = np.random.default_rng(config.seed + rank)
     torch.manual_seed(config.seed)
