@@ -80,7 +80,7 @@ class SAMedTrainerParameterNode:
     baseModel: Annotated[str, Choice(list(BASE_MODELS))] = "litemedsam"
     method: Annotated[str, Choice(list(METHODS))] = next(iter(METHODS))  # automatic
     loraRank: Annotated[int, WithinRange(1, 64)] = 4
-    iterations: Annotated[int, WithinRange(1, 100000)] = 400
+    iterations: Annotated[int, WithinRange(1, 100000)] = 200  # samed train's CPU default
     learningRate: Annotated[float, WithinRange(0.0, 1.0)] = 0.001
     batchSize: Annotated[int, WithinRange(0, 256)] = 0
     device: Annotated[str, Choice(list(DEVICES))] = "auto"

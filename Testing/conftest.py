@@ -24,6 +24,16 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def lite():
+    """The pristine pretrained LiteMedSAM backbone, built once. Tests deep-copy it: build_model edits the encoder."""
+    from SAMedLib.backbones import build_backbone
+
+    backbone = build_backbone("litemedsam")
+    backbone.image_encoder.eval()
+    return backbone
+
+
 def make_mrml_scene():
     """A real vtkMRMLScene with the volumes and segmentations logics attached (no Slicer app, no Qt)."""
     import slicer

@@ -33,13 +33,6 @@ MERGE_ATOL, MERGE_RTOL = 1e-4, 1e-3  # as in test_models.py
 
 
 @pytest.fixture(scope="module")
-def lite():
-    backbone = build_backbone("litemedsam")
-    backbone.image_encoder.eval()
-    return backbone
-
-
-@pytest.fixture(scope="module")
 def image():
     """A smooth synthetic slice (1,3,256,256) in [0,1]: a bright disc on a darker body."""
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, 256), torch.linspace(-1, 1, 256), indexing="ij")

@@ -46,14 +46,6 @@ MERGE_ATOL, MERGE_RTOL = 1e-4, 1e-3
 
 
 @pytest.fixture(scope="module")
-def lite():
-    """The pristine pretrained LiteMedSAM backbone (tests deep-copy it: build_model changes the encoder)."""
-    backbone = build_backbone("litemedsam")
-    backbone.image_encoder.eval()
-    return backbone
-
-
-@pytest.fixture(scope="module")
 def ct_slice(shared_data):
     """The axial slice of ct_3mm with the most liver, as encoder input (1,3,256,256) + liver mask on that grid."""
     prep = Preprocessing()

@@ -28,8 +28,8 @@ class AugmentationConfig:
     noise_std: float = 0.02
     # Per-class intensity offset (in window units: 0.25 = 100 HU on SAMed's 400 HU window), drawn once per
     # view and class. It imitates contrast phases: an aorta at 40 HU without contrast and 150 HU with it.
-    class_offset_range: tuple[float, float] = (-0.2, 0.35)
-    p_class_offset: float = 0.6
+    class_offset_range: tuple[float, float] = (-0.05, 0.35)
+    p_class_offset: float = 0.5
 
     def to_dict(self) -> dict:
         return asdict(self)

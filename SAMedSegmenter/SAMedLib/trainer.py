@@ -59,7 +59,7 @@ class TrainConfig:
     lora_rank: int = 4
     lora_alpha: float | None = None
     iterations: int = 200  # CPU defaults: one-volume fine-tuning in under 10 minutes on 2 cores
-    batch_size: int = 6
+    batch_size: int = 8
     learning_rate: float = 1e-3
     warmup_fraction: float = 0.1
     weight_decay: float = 0.1

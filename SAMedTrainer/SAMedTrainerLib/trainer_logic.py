@@ -108,7 +108,7 @@ class TrainingOptions:
     mode: str | None = None  # "lora", "frozen" or None (the trainer's default: lora on CUDA, frozen on CPU)
     head: str = "samed"  # samed | autosam_vit | cnn | linear
     lora_rank: int = 4
-    iterations: int = 400
+    iterations: int | None = None  # None: the trainer's default (CPU: minutes for one volume)
     learning_rate: float | None = None  # None: the trainer's default
     batch_size: int | None = None  # None: the trainer's default
     device: str = "auto"
@@ -343,7 +343,8 @@ def build_train_command(python: str, images: Sequence[Path], labels: Sequence[Pa
     command += ["--head", options.head]
     if options.mode in (None, "lora"):
         command += ["--lora-rank", str(int(options.lora_rank))]
-    command += ["--iterations", str(int(options.iterations))]
+    if options.iterations:
+        command += ["--iterations", str(int(options.iterations))]
     if options.learning_rate:
         command += ["--lr", repr(float(options.learning_rate))]
     if options.batch_size:
@@ -564,7 +565,7 @@ class TrainerLogic:
             problems.append(f"unknown head '{options.head}'")
         if options.mode in (None, "lora") and int(options.lora_rank) < 1:
             problems.append("LoRA rank must be at least 1")
-        if int(options.iterations) < 1:
+        if options.iterations is not None and int(options.iterations) < 1:
             problems.append("iterations must be at least 1")
         if options.learning_rate is not None and not (0 < float(options.learning_rate) < 1 and
                                                       math.isfinite(float(options.learning_rate))):
