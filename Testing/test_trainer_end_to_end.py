@@ -89,9 +89,9 @@ def test_train_on_scene_then_segment_dicom_with_new_model(mrml, shared_data, tmp
     logic.workRoot = str(tmp_path / "work")
     os.makedirs(logic.workRoot)
     events = []
-    options = TrainingOptions(model_name="liver and spleen", mode="frozen", head="samed", iterations=40,
+    options = TrainingOptions(model_name="liver and spleen", mode="frozen", head="cnn", iterations=40,
                               batch_size=4, device="cpu",
-                              extra_args=["--views-per-slice", "1", "--max-labeled-slices", "10"])
+                              extra_args=["--views-per-slice", "1", "--max-labeled-slices", "8"])
     path = logic.train([(ct, annotation)], None, options, progress=events.append)
     trained_at = time.monotonic()
 
