@@ -104,7 +104,7 @@ def test_round_trip_lora_samed_is_bit_exact(lite, image, tmp_path):
 def test_round_trip_frozen_cnn_is_bit_exact(lite, image, tmp_path):
     model = _lite_model(lite, "cnn", "frozen")
     with torch.no_grad():
-        embedding = model.encode(image)
+        embedding = model.image_encoder(image)
         expected = model.head(embedding)
     path = save_checkpoint(model, _card(lite, "cnn", "frozen"), tmp_path / "frozen_cnn.safetensors")
     assert not any(k.startswith("image_encoder.") for k in load_file(str(path)))

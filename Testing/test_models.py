@@ -307,7 +307,7 @@ def test_litemedsam_lora_identity_at_init_and_forward(lite, lite_embeddings, ct_
     for layer in lora_layers(model.image_encoder):
         assert layer.linear.lora_A.abs().sum() > 0 and layer.linear.lora_B.abs().sum() == 0  # A random, B zero
     with torch.no_grad():
-        embedding = model.encode(image)
+        embedding = model.image_encoder(image)
         logits = model.head(embedding)
     assert torch.equal(embedding[0], lite_embeddings[0])  # exactly the base model
     assert logits.shape == (1, NUM_CLASSES + 1, 256, 256)
@@ -320,7 +320,25 @@ def test_sam_vit_lora_identity_at_init(name):
     with torch.no_grad():
         base = backbone.image_encoder(x)
         model = build_model(backbone, "samed", NUM_CLASSES, "lora").eval()
-        assert torch.equal(model.encode(x), base)
+        assert torch.equal(model.image_encoder(x), base)
+
+
+@pytest.mark.parametrize("mode", ["frozen", "lora"])
+def test_encoder_computes_the_same_embeddings_while_training(mode, lite, ct_slice):
+    # TinyViT has BatchNorm: in training mode it would normalise with batch statistics, and a head trained
+    # on those embeddings would see different ones at inference.
+    image, _ = ct_slice
+    model = build_model(copy.deepcopy(lite), "cnn", NUM_CLASSES, mode)
+    batch = torch.cat([image, torch.rand_like(image)])
+    with torch.no_grad():
+        model.train()
+        training = model.image_encoder(batch)
+        model.eval()
+        inference = model.image_encoder(batch)
+    assert model.head.training is False
+    assert torch.equal(training, inference)
+    assert not any(m.training for m in model.train().image_encoder.modules())
+    assert model.head.training
 
 
 def _lora_names(module: nn.Module) -> set[str]:
@@ -359,9 +377,9 @@ def test_litemedsam_merged_equals_unmerged(lite, lite_embeddings, ct_slice):
     _perturb_lora(model.image_encoder)
     original = {n: p.detach().clone() for n, p in model.image_encoder.named_parameters()}
     with torch.no_grad():
-        unmerged = model.encode(image)
+        unmerged = model.image_encoder(image)
         merge_lora(model)
-        merged = model.encode(image)
+        merged = model.image_encoder(image)
     # LoRA really changed the output, and merging does not change it (tolerance in the module docstring).
     assert (unmerged[0] - lite_embeddings[0]).abs().max() > 1e-2
     torch.testing.assert_close(merged, unmerged, atol=MERGE_ATOL, rtol=MERGE_RTOL)

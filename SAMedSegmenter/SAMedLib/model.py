@@ -30,6 +30,15 @@ class SAMedModel(nn.Module):
         self.mode = mode
         self.input_size = input_size
         self.set_mode(mode)
+        self.train()
+
+    def train(self, mode: bool = True) -> "SAMedModel":
+        # The encoder's own layers always run as at inference: TinyViT's BatchNorm in training mode would use
+        # batch statistics, so embeddings seen while training would differ from those seen when segmenting
+        # (measured: 117% relative difference). LoRA (no dropout) behaves the same in both modes.
+        super().train(mode)
+        self.image_encoder.eval()
+        return self
 
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:
@@ -39,9 +48,6 @@ class SAMedModel(nn.Module):
             param.requires_grad = mode == "lora" and ".lora_" in f".{name}"
         for param in self.head.parameters():
             param.requires_grad = True
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self.image_encoder(images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.image_encoder(images))
