@@ -96,3 +96,26 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
                      head="linear", mode="frozen", classes=classes,
                      preprocessing=Preprocessing(input_size=backbone.input_size))
     return save_checkpoint(model, card, tmp_path_factory.mktemp("models") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="session")
+def ct_slice(shared_data):
+    """The axial slice of ct_3mm with the most liver, as encoder input (1,3,256,256) + liver mask on that grid."""
+    import numpy as np
+    import torch
+
+    from SAMedLib.classes import parse_class_list
+    from SAMedLib.model_card import Preprocessing
+    from SAMedLib.preprocessing import model_input, slice_to_model_theta, to_model_grid
+    from SAMedLib.training_data import load_training_pair
+
+    prep = Preprocessing()
+    volume = load_training_pair(shared_data / "ct_3mm.nii.gz", shared_data / "ct_3mm_labels.nii.gz",
+                                parse_class_list("5:liver"), prep)
+    z = int(volume.labels.reshape(volume.labels.shape[0], -1).sum(1).argmax())
+    theta = slice_to_model_theta(volume.image.shape[1:], volume.spacing_yx, prep)
+    image = model_input(torch.from_numpy(volume.image[z:z + 1]), theta, prep)
+    liver = to_model_grid(torch.from_numpy(volume.labels[z:z + 1].astype(np.float32))[None], theta, prep.input_size,
+                          mode="nearest")[0, 0] > 0
+    assert liver.sum() > 2000  # a big liver cross-section
+    return image, liver

@@ -14,7 +14,6 @@ import copy
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,13 +21,9 @@ from torch import nn
 
 from SAMedLib.backbones import (LITEMEDSAM_SHA256, SAM_VIT_CONFIGS, BackboneError, build_backbone, file_sha256,
                                 litemedsam_weights_path)
-from SAMedLib.classes import parse_class_list
 from SAMedLib.heads import HEAD_NAMES, build_head
 from SAMedLib.lora import LoRAQKV, add_lora, lora_layers, merge_lora, unmerge_lora
 from SAMedLib.model import MODES, build_model, count_parameters, trainable_state_dict
-from SAMedLib.model_card import Preprocessing
-from SAMedLib.preprocessing import model_input, slice_to_model_theta, to_model_grid
-from SAMedLib.training_data import load_training_pair
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 3
@@ -43,21 +38,6 @@ MERGE_ATOL, MERGE_RTOL = 1e-4, 1e-3
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def ct_slice(shared_data):
-    """The axial slice of ct_3mm with the most liver, as encoder input (1,3,256,256) + liver mask on that grid."""
-    prep = Preprocessing()
-    volume = load_training_pair(shared_data / "ct_3mm.nii.gz", shared_data / "ct_3mm_labels.nii.gz",
-                                parse_class_list("5:liver"), prep)
-    z = int(volume.labels.reshape(volume.labels.shape[0], -1).sum(1).argmax())
-    theta = slice_to_model_theta(volume.image.shape[1:], volume.spacing_yx, prep)
-    image = model_input(torch.from_numpy(volume.image[z:z + 1]), theta, prep)
-    liver = to_model_grid(torch.from_numpy(volume.labels[z:z + 1].astype(np.float32))[None], theta, prep.input_size,
-                          mode="nearest")[0, 0] > 0
-    assert liver.sum() > 2000  # a big liver cross-section
-    return image, liver
 
 
 @pytest.fixture(scope="module")

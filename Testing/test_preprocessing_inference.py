@@ -43,6 +43,7 @@ class ThresholdNet(nn.Module):
         super().__init__()
         self.batch_sizes: list[int] = []
         self.inputs: list[torch.Tensor] = []
+        self.image_encoder = nn.Identity()  # what segment_image prepares (folds BatchNorm, channels-last)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         self.batch_sizes.append(images.shape[0])

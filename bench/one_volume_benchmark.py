@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from SAMedLib.acceleration import cpu_has_native_bf16
 from SAMedLib.backbones import build_backbone
 from SAMedLib.checkpoint import load_model
 from SAMedLib.classes import parse_class_list
@@ -99,35 +101,46 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=REPO / "out" / "benchmark")
     parser.add_argument("--curve", default="5,10,20", help="labeled-slice counts for the label-efficiency curve")
+    parser.add_argument("--seeds", default="1234", help="training seeds of the headline model (run-to-run spread)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     classes = parse_class_list(CLASSES)
     image = read_volume(DATA / "ct_dicom")
     reference = read_volume(DATA / "ct_dicom_labels.nii.gz", allow_constant=True)
-    results: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": 2, "gpu": None,
-                                 "torch": torch.__version__}}
+    results: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                                 "gpu": None, "torch": torch.__version__, "bf16_native": cpu_has_native_bf16()}}
 
-    model, train_seconds = fine_tune(args.out, [])
-    scores, infer_seconds = evaluate_model(model, image, reference, classes)
-    results["fine_tuned"] = {"train_seconds": round(train_seconds, 1), "inference_seconds": round(infer_seconds, 1),
-                             "mean_dice_4": round(headline_mean(scores), 4), "scores": scores}
-    print(json.dumps(results["fine_tuned"]), flush=True)
+    def save() -> None:  # after every stage, so a cut-short run still leaves what it measured
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "one_volume.json").write_text(json.dumps(results, indent=1, default=lambda v: None))
+        (RESULTS / "one_volume.md").write_text(render(results, classes))
+
+    runs = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        model, train_seconds = fine_tune(args.out, ["--seed", str(seed)])
+        scores, infer_seconds = evaluate_model(model, image, reference, classes)
+        runs.append({"seed": seed, "train_seconds": round(train_seconds, 1), "inference_seconds": round(infer_seconds, 1),
+                     "mean_dice_4": round(headline_mean(scores), 4), "scores": scores})
+        print(json.dumps(runs[-1]), flush=True)
+        results["fine_tuned"] = runs
+        save()
     bound = prompted_upper_bound(image, reference, classes)
     results["prompted_upper_bound"] = {"mean_dice_4": round(headline_mean(bound), 4), "scores": bound}
+    save()
+    first = runs[0]
     curve = []
     for count in [int(c) for c in args.curve.split(",") if c]:
-        m, seconds = fine_tune(args.out, ["--max-labeled-slices", str(count)])
+        m, seconds = fine_tune(args.out, ["--max-labeled-slices", str(count), "--seed", str(first["seed"])])
         s, _ = evaluate_model(m, image, reference, classes)
         curve.append({"labeled_slices": count, "train_seconds": round(seconds, 1), "mean_dice_4": round(headline_mean(s), 4),
                       "dice": {n: round(s["classes"][n]["dice"], 4) for n in HEADLINE}})
         print(json.dumps(curve[-1]), flush=True)
-    curve.append({"labeled_slices": "all", "train_seconds": round(train_seconds, 1),
-                  "mean_dice_4": results["fine_tuned"]["mean_dice_4"],
-                  "dice": {n: round(scores["classes"][n]["dice"], 4) for n in HEADLINE}})
+        results["label_efficiency"] = curve
+        save()
+    curve.append({"labeled_slices": "all", "train_seconds": first["train_seconds"], "mean_dice_4": first["mean_dice_4"],
+                  "dice": {n: round(first["scores"]["classes"][n]["dice"], 4) for n in HEADLINE}})
     results["label_efficiency"] = curve
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "one_volume.json").write_text(json.dumps(results, indent=1, default=lambda v: None))
-    (RESULTS / "one_volume.md").write_text(render(results, classes))
+    save()
     print(render(results, classes))
 
 
@@ -136,22 +149,35 @@ def fmt(value, digits=3) -> str:
 
 
 def render(results: dict, classes) -> str:
-    ft, ub = results["fine_tuned"], results["prompted_upper_bound"]
+    runs, ub = results.get("fine_tuned", []), results.get("prompted_upper_bound")
+    machine = results["machine"]
     lines = ["# One-volume benchmark: fine-tune on ct_3mm, segment ct_dicom", "",
-             "Machine: 2-core x86_64 VM, no GPU; `samed train` CPU defaults (frozen LiteMedSAM encoder + SAMed head).",
-             f"Training {ft['train_seconds']:.0f} s; inference {ft['inference_seconds']:.0f} s for 20 slices of 512x512.", "",
-             "| organ | Dice | HD95 mm | prompted upper bound Dice |", "|---|---|---|---|"]
+             f"Machine: {machine['cores']}-core x86_64 VM (bf16 native: {machine['bf16_native']}), no GPU, torch "
+             f"{machine['torch']}; `samed train` CPU defaults (frozen LiteMedSAM encoder + SAMed head). "
+             "Written by `bench/one_volume_benchmark.py` after each stage.", ""]
+    if not runs:
+        return "\n".join(lines + ["(no run finished yet)"]) + "\n"
+    header = "| organ | " + " | ".join(f"Dice seed {r['seed']} | HD95 mm" for r in runs)
+    lines += [header + (" | prompted upper bound Dice |" if ub else " |"),
+              "|---|" + "---|---|" * len(runs) + ("---|" if ub else "")]
     for c in classes:
-        s, b = ft["scores"]["classes"][c.name], ub["scores"]["classes"][c.name]
-        lines.append(f"| {c.name} | {fmt(s['dice'])} | {fmt(s['hd95_mm'], 1)} | {fmt(b['dice'])} |")
-    lines += [f"| **mean (spleen, liver, stomach, aorta)** | **{ft['mean_dice_4']:.3f}** | | {ub['mean_dice_4']:.3f} |", "",
-              "Pancreas covers only a few voxels of ct_dicom's first slices; it is reported, not in the headline mean.", "",
-              "## Label efficiency (same recipe, only N labeled slices of ct_3mm)", "",
-              "| labeled slices | mean Dice (4 organs) | spleen | liver | stomach | aorta | train s |", "|---|---|---|---|---|---|---|"]
-    for row in results["label_efficiency"]:
-        d = row["dice"]
-        lines.append(f"| {row['labeled_slices']} | {row['mean_dice_4']:.3f} | {d['spleen']:.3f} | {d['liver']:.3f} | "
-                     f"{d['stomach']:.3f} | {d['aorta']:.3f} | {row['train_seconds']:.0f} |")
+        cells = [f"{fmt(r['scores']['classes'][c.name]['dice'])} | {fmt(r['scores']['classes'][c.name]['hd95_mm'], 1)}"
+                 for r in runs]
+        bound = f" {fmt(ub['scores']['classes'][c.name]['dice'])} |" if ub else ""
+        lines.append(f"| {c.name} | " + " | ".join(cells) + " |" + bound)
+    means = " | ".join(f"**{r['mean_dice_4']:.3f}** | " for r in runs)
+    lines.append(f"| **mean (spleen, liver, stomach, aorta)** | {means}" + (f" {ub['mean_dice_4']:.3f} |" if ub else ""))
+    lines += ["", "| seed | training s | inference s (20 slices of 512x512) |", "|---|---|---|"]
+    lines += [f"| {r['seed']} | {r['train_seconds']:.0f} | {r['inference_seconds']:.0f} |" for r in runs]
+    lines += ["", "Pancreas covers only a few voxels of ct_dicom's first slices; it is reported, not in the headline mean."]
+    if results.get("label_efficiency"):
+        lines += ["", "## Label efficiency (same recipe and seed, only N labeled slices of ct_3mm)", "",
+                  "| labeled slices | mean Dice (4 organs) | spleen | liver | stomach | aorta | train s |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in results["label_efficiency"]:
+            d = row["dice"]
+            lines.append(f"| {row['labeled_slices']} | {row['mean_dice_4']:.3f} | {d['spleen']:.3f} | {d['liver']:.3f} | "
+                         f"{d['stomach']:.3f} | {d['aorta']:.3f} | {row['train_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

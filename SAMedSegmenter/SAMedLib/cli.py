@@ -16,6 +16,7 @@ __all__ = ["main"]
 
 EXIT_BAD_INPUT = 2
 EXIT_CANCELLED = 130
+PRECISION_HELP = "auto: fp16 on CUDA, bf16 on CPUs with native bf16 (AVX512-BF16/AMX), else fp32; fp32: always fp32"
 
 
 def _progress_bar(prefix: str):
@@ -54,7 +55,7 @@ def cmd_segment(args) -> int:
     image = read_volume(args.input)
     model = load_model(args.model, device=device, base_checkpoint=args.base_checkpoint)
     labels = segment_image(image, model, device=device, batch_size=args.batch_size,
-                           largest_component=args.largest_component,
+                           largest_component=args.largest_component, precision=args.precision,
                            progress=None if args.quiet else _progress_bar("segment"))
     write_image(labels, args.output)
     if args.seg_nrrd:
@@ -97,7 +98,8 @@ def cmd_train(args) -> int:
         batch_size=args.batch_size, learning_rate=args.lr, views_per_slice=args.views_per_slice,
         max_labeled_slices=args.max_labeled_slices, validation_image=args.val_image,
         validation_labels=args.val_labels, validate_every=args.validate_every, early_stopping=args.early_stopping,
-        device=args.device, seed=args.seed, cache_dir=args.cache_dir, resume=args.resume, preprocessing=prep,
+        device=args.device, precision=args.precision, seed=args.seed, cache_dir=args.cache_dir, resume=args.resume,
+        preprocessing=prep,
         augmentation=augmentation)
     result = train(config, progress_json=args.progress_json)
     if not args.progress_json:
@@ -125,6 +127,7 @@ def cmd_import_samed(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .acceleration import PRECISIONS
     from .trainer import TrainConfig  # the defaults live in one place
 
     parser = argparse.ArgumentParser(prog="samed", description="SAMed/AutoSAM prompt-free segmentation of CT/MR volumes")
@@ -139,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
     seg.add_argument("--batch-size", type=int, default=None, help="slices per forward pass (default 16 GPU / 4 CPU)")
     seg.add_argument("--largest-component", action="store_true", help="keep each class's largest 3D component")
+    seg.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     seg.add_argument("--base-checkpoint", help="official SAM checkpoint, for models fine-tuned from sam_vit_*")
     seg.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     seg.set_defaults(func=cmd_segment)
@@ -178,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--pixel-spacing", type=float, default=1.6, help="mm per model pixel (inplane=spacing)")
     tr.add_argument("--no-augmentation", action="store_true")
     tr.add_argument("--device", default="auto")
+    tr.add_argument("--precision", default=TrainConfig.precision, choices=PRECISIONS,
+                    help=PRECISION_HELP + " (frozen-encoder embeddings)")
     tr.add_argument("--seed", type=int, default=1234)
     tr.add_argument("--cache-dir", help="keep frozen-encoder embeddings here for later runs")
     tr.add_argument("--resume", action="store_true", help="continue an interrupted run with the same options")

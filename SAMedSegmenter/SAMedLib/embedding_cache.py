@@ -45,7 +45,7 @@ class EmbeddingCache:
         return None
 
     def put(self, key: str, embedding: torch.Tensor) -> None:
-        embedding = embedding.detach().to("cpu").contiguous()
+        embedding = embedding.detach().to("cpu", torch.float32).contiguous()  # heads train in fp32
         self._memory[key] = embedding
         if self.folder:
             fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
@@ -63,7 +63,7 @@ class EmbeddingCache:
                 fresh = encoder(inputs[todo])
             for i, emb in zip(todo, fresh):
                 self.put(keys[i], emb)
-                found[i] = emb.detach().to("cpu")
+                found[i] = self._memory[keys[i]]
         return torch.stack([f for f in found]).to(inputs.device)
 
     def __len__(self) -> int:

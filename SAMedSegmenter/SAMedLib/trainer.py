@@ -27,6 +27,7 @@ from .augmentation import AugmentationConfig, ViewAugmentation, apply_class_offs
 from .backbones import build_backbone
 from .checkpoint import save_tensors
 from .classes import SegmentClass
+from .acceleration import autocast, precision_name, prepare_encoder
 from .embedding_cache import EmbeddingCache
 from .errors import SAMedError
 from .inference import resolve_device
@@ -76,6 +77,7 @@ class TrainConfig:
     device: str = "auto"
     seed: int = 1234
     cache_dir: str | None = None
+    precision: str = "auto"  # frozen-encoder embeddings: bf16 on CPUs with native bf16, fp16 on CUDA
     resume: bool = False
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
@@ -195,6 +197,8 @@ def _train(config: TrainConfig, progress, progress_json: bool, stop: _StopFlag) 
     prep = Preprocessing(**{**asdict(config.preprocessing), "input_size": backbone.input_size})
     model = build_model(backbone, config.head, len(config.classes), mode,
                         config.lora_rank if mode == "lora" else None, config.lora_alpha, seed=config.seed).to(device)
+    prepare_encoder(model.image_encoder)  # as inference runs it: BatchNorm folded, channels-last
+    precision = precision_name(device, config.precision)
     target_size = 4 * backbone.embedding_size
     card = ModelCard(base_name=config.base, base_sha256=backbone.weights_sha256, input_size=backbone.input_size,
                      head=config.head, mode=mode, classes=list(config.classes), preprocessing=prep,
@@ -234,7 +238,7 @@ def _train(config: TrainConfig, progress, progress_json: bool, stop: _StopFlag) 
                                                        target_size, 0.0) for vol, s in val_parts)])]) \
         if val_parts else None
 
-    cache = EmbeddingCache(f"{config.base}:{backbone.weights_sha256}", config.cache_dir)
+    cache = EmbeddingCache(f"{config.base}:{backbone.weights_sha256}:{precision}", config.cache_dir)
     pool = None
     if mode == "frozen":
         # Every rank builds the same plan and keeps its share of the views.
@@ -246,12 +250,15 @@ def _train(config: TrainConfig, progress, progress_json: bool, stop: _StopFlag) 
         for start in range(0, len(inputs), 4):
             if stop.stop:
                 break
-            embeddings.append(cache.encode(model.image_encoder, inputs[start:start + 4].to(device)).cpu())
+            with autocast(device, config.precision):
+                embeddings.append(cache.encode(model.image_encoder, inputs[start:start + 4].to(device)).cpu())
             report({"event": "encoding", "done": min(start + 4, len(inputs)), "total": len(inputs),
                     "message": f"encoding views {min(start + 4, len(inputs))}/{len(inputs)}"})
         pool = _Views(torch.cat(embeddings) if embeddings else torch.empty(0), targets[:len(inputs)])
         if val_views is not None:
-            val_views = _Views(cache.encode(model.image_encoder, val_views.inputs.to(device)).cpu(), val_views.targets)
+            with autocast(device, config.precision):
+                val_views = _Views(cache.encode(model.image_encoder, val_views.inputs.to(device)).cpu(),
+                                   val_views.targets)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=(0.9, 0.999),
@@ -372,7 +379,8 @@ def _summary(config: TrainConfig, mode: str, iteration: int, best_mean: float, b
             "views_per_slice": config.views_per_slice, "training_slices": int(sum(len(s) for _, s in train_parts)),
             "images": [v.name for v in volumes], "validation_mean_dice": round(best_mean, 4),
             "validation_dice": best_dice, "seconds": round(seconds, 1), "seed": config.seed,
-            "augmentation": config.augmentation.to_dict(), "torch": torch.__version__}
+            "augmentation": config.augmentation.to_dict(), "torch": torch.__version__,
+            "encoder_precision": precision_name(resolve_device(config.device), config.precision)}
 
 
 def _check_config(config: TrainConfig) -> None:

@@ -1,0 +1,65 @@
+"""The fast encoder path: BatchNorm folding and channels-last keep outputs; reduced precision is chosen sensibly."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from SAMedLib.acceleration import autocast, cpu_has_native_bf16, precision_name, prepare_encoder
+from SAMedLib.model import build_model
+
+
+def test_prepared_encoder_gives_the_same_embeddings_without_batchnorm(lite, ct_slice):
+    image, _ = ct_slice
+    encoder = copy.deepcopy(lite.image_encoder)
+    batchnorms = sum(isinstance(m, nn.BatchNorm2d) for m in encoder.modules())
+    assert batchnorms > 20  # TinyViT: every Conv2d_BN
+    with torch.no_grad():
+        reference = encoder(image)
+        prepare_encoder(encoder)
+        prepare_encoder(encoder)  # idempotent: one hook, folded once
+        fast = encoder(image)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in encoder.modules())
+    assert len(encoder._forward_pre_hooks) == 1
+    assert (fast - reference).abs().max() < 1e-4 * reference.abs().max()
+
+
+def test_prepared_frozen_encoder_has_nothing_trainable(lite):
+    model = build_model(copy.deepcopy(lite), "linear", 2, "frozen")
+    prepare_encoder(model.image_encoder)
+    assert not any(p.requires_grad for p in model.image_encoder.parameters())
+
+
+def test_prepared_lora_encoder_still_trains_only_lora(lite, ct_slice):
+    image, _ = ct_slice
+    model = build_model(copy.deepcopy(lite), "linear", 2, "lora")
+    prepare_encoder(model.image_encoder)
+    trainable = {n for n, p in model.image_encoder.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in f".{n}" for n in trainable)
+    model.train()
+    model(image).sum().backward()
+    assert all(p.grad is not None for n, p in model.image_encoder.named_parameters() if n in trainable)
+
+
+def test_precision_choice():
+    assert precision_name("cuda", "auto") == "fp16"
+    assert precision_name("cuda:1", "fp32") == "fp32"
+    assert precision_name("mps", "auto") == "fp32"
+    assert precision_name("cpu", "auto") == ("bf16" if cpu_has_native_bf16() else "fp32")
+    with pytest.raises(ValueError, match="unknown precision 'half'"):
+        precision_name("cpu", "half")
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16: auto runs fp32")
+def test_bf16_embeddings_stay_close_to_fp32(lite, ct_slice):
+    image, _ = ct_slice
+    encoder = prepare_encoder(copy.deepcopy(lite.image_encoder))
+    with torch.inference_mode():
+        exact = encoder(image)
+        with autocast("cpu"):
+            fast = encoder(image).float()
+    relative = ((fast - exact).norm() / exact.norm()).item()
+    cosine = torch.nn.functional.cosine_similarity(fast.flatten(), exact.flatten(), dim=0).item()
+    assert relative < 0.08 and cosine > 0.995, (relative, cosine)
