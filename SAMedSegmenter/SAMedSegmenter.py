@@ -415,19 +415,9 @@ class SAMedSegmenterTest(ScriptedLoadableModuleTest):
             return str(models[0])
         import tempfile
 
-        from SAMedLib.backbones import build_backbone
-        from SAMedLib.checkpoint import save_checkpoint
-        from SAMedLib.classes import parse_class_list
-        from SAMedLib.model import build_model
-        from SAMedLib.model_card import ModelCard, Preprocessing
+        from SAMedLib.selftest import untrained_checkpoint
 
-        backbone = build_backbone("litemedsam")
-        classes = parse_class_list("1:spleen,5:liver")
-        model = build_model(backbone, "linear", len(classes), "frozen", None, seed=0)
-        card = ModelCard(base_name="litemedsam", base_sha256=backbone.weights_sha256, input_size=backbone.input_size,
-                         head="linear", mode="frozen", classes=classes,
-                         preprocessing=Preprocessing(input_size=backbone.input_size))
-        return str(save_checkpoint(model, card, os.path.join(tempfile.mkdtemp(), "samed-selftest.safetensors")))
+        return str(untrained_checkpoint(os.path.join(tempfile.mkdtemp(), "samed-selftest.safetensors")))
 
     def test_GeometryRoundTrip(self):
         """Volume -> SimpleITK -> label map -> segmentation keeps every voxel in place (no torch needed)."""

@@ -83,19 +83,10 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     Untrained, so its labels are arbitrary but deterministic: good for plumbing tests
     (same label map through every path), useless for accuracy.
     """
-    from SAMedLib.backbones import build_backbone
-    from SAMedLib.checkpoint import save_checkpoint
-    from SAMedLib.classes import parse_class_list
-    from SAMedLib.model import build_model
-    from SAMedLib.model_card import ModelCard, Preprocessing
+    from SAMedLib.selftest import untrained_checkpoint
 
-    backbone = build_backbone("litemedsam")
-    classes = parse_class_list("1:spleen,2:kidney_right,5:liver,6:stomach")
-    model = build_model(backbone, "linear", len(classes), "frozen", None, seed=0)
-    card = ModelCard(base_name="litemedsam", base_sha256=backbone.weights_sha256, input_size=backbone.input_size,
-                     head="linear", mode="frozen", classes=classes,
-                     preprocessing=Preprocessing(input_size=backbone.input_size))
-    return save_checkpoint(model, card, tmp_path_factory.mktemp("models") / "tiny.safetensors")
+    return untrained_checkpoint(tmp_path_factory.mktemp("models") / "tiny.safetensors",
+                                "1:spleen,2:kidney_right,5:liver,6:stomach")
 
 
 @pytest.fixture(scope="session")

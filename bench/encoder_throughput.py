@@ -1,14 +1,20 @@
 """Encoder throughput on CPU: seconds per slice, GFLOPs per slice and utilisation of measured matmul GFLOPS.
 
-For each backbone at its input size: batch 1 and the best batch, eager fp32 under ``torch.inference_mode``
-(the inference path), plus variants (channels-last, bf16 autocast) measured rather than assumed.
+For each backbone at its input size, three ways of running the encoder, all under ``torch.inference_mode``:
+- ``eager fp32``: the module as built;
+- ``prepared fp32``: ``SAMedLib.acceleration.prepare_encoder`` (BatchNorm folded, channels-last);
+- ``prepared + autocast``: the product's inference path (``precision=auto``: bf16 on CPUs with native bf16).
+Batch 1 and larger batches where affordable. The machine's fp32 and bf16 matmul GFLOPS are measured in the
+same run; utilisation = model GFLOPs / time / the matmul peak of the precision used.
 Weights are random (timing does not depend on them; official SAM files are not shipped).
 Writes bench/results/encoder_throughput.{json,md}.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -16,6 +22,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from SAMedLib.acceleration import autocast, precision_name, prepare_encoder
 from SAMedLib.backbones import build_backbone
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -23,8 +30,8 @@ CONFIGS = [("litemedsam", 256, (1, 2, 4, 8)), ("sam_vit_b", 512, (1, 2, 4)), ("s
            ("sam_vit_l", 1024, (1,)), ("sam_vit_h", 1024, (1,))]
 
 
-def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b
     start = time.perf_counter()
     for _ in range(repeats):
@@ -32,12 +39,9 @@ def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def seconds_per_slice(encoder, batch: int, size: int, repeats: int, channels_last=False, bf16=False) -> float:
+def seconds_per_slice(encoder, batch: int, size: int, repeats: int, reduced: bool) -> float:
     x = torch.rand(batch, 3, size, size)
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), autocast("cpu", "auto" if reduced else "fp32"):
         encoder(x)  # warm-up
         start = time.perf_counter()
         for _ in range(repeats):
@@ -56,43 +60,52 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="litemedsam only")
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
-    peak = matmul_gflops()
+    reduced_name = precision_name("cpu", "auto")
+    peaks = {"fp32": matmul_gflops(torch.float32)}
+    if reduced_name == "bf16":
+        peaks["bf16"] = matmul_gflops(torch.bfloat16)
     rows = []
     for name, size, batches in CONFIGS[:1] if args.quick else CONFIGS:
-        encoder = build_backbone(name, input_size=size, pretrained=False).image_encoder.eval()
-        gflops = gflops_per_slice(encoder, size)
+        eager = build_backbone(name, input_size=size, pretrained=False).image_encoder.eval()
+        gflops = gflops_per_slice(eager, size)
         repeats = 3 if gflops < 200 else 1
-        timings = {b: seconds_per_slice(encoder, b, size, repeats) for b in batches}
-        best_batch = min(timings, key=timings.get)
-        row = {"backbone": name, "input_size": size, "gflops_per_slice": round(gflops, 1),
-               "s_per_slice_batch1": round(timings[1], 3), "best_batch": best_batch,
-               "s_per_slice_best": round(timings[best_batch], 3),
-               "utilisation_best": round(gflops / timings[best_batch] / peak, 3)}
-        if name == "litemedsam":
-            encoder_cl = encoder.to(memory_format=torch.channels_last)
-            row["s_per_slice_channels_last"] = round(seconds_per_slice(encoder_cl, best_batch, size, repeats, True), 3)
-            row["s_per_slice_bf16_autocast"] = round(seconds_per_slice(encoder, best_batch, size, repeats, bf16=True), 3)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        del encoder
-    machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "matmul_gflops_fp32": round(peak, 1),
-               "note": "2-core shared x86_64 VM, AVX-512 without native bf16; numbers are medians of few repeats"}
+        prepared = prepare_encoder(copy.deepcopy(eager))
+        variants = {"eager fp32": (eager, False, "fp32"), "prepared fp32": (prepared, False, "fp32"),
+                    f"prepared + autocast ({reduced_name})": (prepared, True, reduced_name)}
+        for variant, (encoder, reduced, dtype) in variants.items():
+            timings = {b: seconds_per_slice(encoder, b, size, repeats, reduced) for b in batches}
+            best = min(timings, key=timings.get)
+            row = {"backbone": name, "input_size": size, "variant": variant, "gflops_per_slice": round(gflops, 1),
+                   "s_per_slice": {str(b): round(t, 3) for b, t in timings.items()}, "best_batch": best,
+                   "s_per_slice_best": round(timings[best], 3), "achieved_gflops": round(gflops / timings[best], 1),
+                   "utilisation_of_fp32_matmul": round(gflops / timings[best] / peaks["fp32"], 3),
+                   "utilisation_of_own_precision_matmul": round(gflops / timings[best] / peaks[dtype], 3)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del eager, prepared
+    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+               "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "matmul_gflops": {k: round(v, 1) for k, v in peaks.items()},
+               "note": "2-core x86_64 VM (AVX-512, AVX512-BF16 and AMX), no GPU; idle while measuring"}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "encoder_throughput.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+    (RESULTS / "encoder_throughput.md").write_text(render(machine, rows))
+    print(render(machine, rows))
+
+
+def render(machine: dict, rows: list[dict]) -> str:
+    peaks = ", ".join(f"{k} {v} GFLOPS" for k, v in machine["matmul_gflops"].items())
     lines = [f"# Encoder throughput (CPU)\n\nMachine: {machine['note']}; torch {machine['torch']}, "
-             f"{machine['threads']} threads; measured fp32 matmul: {machine['matmul_gflops_fp32']} GFLOPS.\n",
-             "| backbone | input | GFLOPs/slice | s/slice (batch 1) | best batch | s/slice (best) | utilisation |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['backbone']} | {r['input_size']} | {r['gflops_per_slice']} | {r['s_per_slice_batch1']} | "
-              f"{r['best_batch']} | {r['s_per_slice_best']} | {100 * r['utilisation_best']:.0f}% |" for r in rows]
-    lite = rows[0]
-    if "s_per_slice_channels_last" in lite:
-        lines.append(f"\nLiteMedSAM variants at batch {lite['best_batch']}: channels-last "
-                     f"{lite['s_per_slice_channels_last']} s/slice, bf16 autocast {lite['s_per_slice_bf16_autocast']} "
-                     f"s/slice (fp32 eager {lite['s_per_slice_best']}).")
-    (RESULTS / "encoder_throughput.md").write_text("\n".join(lines) + "\n")
+             f"{machine['threads']} threads; matmul measured in the same run: {peaks}. "
+             "Written by `bench/encoder_throughput.py`.\n",
+             "| backbone | input | GFLOPs/slice | variant | s/slice batch 1 | best batch | s/slice best | "
+             "GFLOPS achieved | % of fp32 matmul | % of same-precision matmul |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['backbone']} | {r['input_size']} | {r['gflops_per_slice']} | {r['variant']} | "
+                     f"{r['s_per_slice']['1']} | {r['best_batch']} | {r['s_per_slice_best']} | {r['achieved_gflops']} | "
+                     f"{100 * r['utilisation_of_fp32_matmul']:.0f}% | {100 * r['utilisation_of_own_precision_matmul']:.0f}% |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

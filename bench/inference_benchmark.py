@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -30,24 +31,34 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def measure(volume: str, model: str, batch_size: int) -> dict:
-    """Runs in a child process: load model, segment, report times and memory."""
+def measure(volume: str, model: str, batch_size: int, precision: str) -> dict:
+    """Runs in a child process: load model, segment, report times, memory and (for ct_dicom) Dice."""
+    import SimpleITK as sitk
+
+    from SAMedLib.acceleration import precision_name
     from SAMedLib.checkpoint import load_model
     from SAMedLib.inference import segment_image
-    from SAMedLib.volume_io import read_volume
+    from SAMedLib.metrics import score_label_maps
+    from SAMedLib.volume_io import read_volume, resample_to_reference
 
     loaded = load_model(model)
     model_rss = rss_mb()
     image = read_volume(volume)
     start = time.perf_counter()
-    segment_image(image, loaded, device="cpu", batch_size=batch_size)
+    pred = segment_image(image, loaded, device="cpu", batch_size=batch_size, precision=precision)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     slices = image.GetSize()[2]
-    return {"volume": Path(volume).name, "size": list(image.GetSize()), "batch_size": batch_size,
-            "seconds": round(seconds, 1), "s_per_slice": round(seconds / slices, 3),
-            "model_rss_mb": round(model_rss), "peak_rss_mb": round(peak),
-            "peak_above_model_mb": round(peak - model_rss)}
+    row = {"volume": Path(volume).name, "size": list(image.GetSize()), "batch_size": batch_size,
+           "precision": precision_name("cpu", precision), "seconds": round(seconds, 1),
+           "s_per_slice": round(seconds / slices, 3), "model_rss_mb": round(model_rss), "peak_rss_mb": round(peak),
+           "peak_above_model_mb": round(peak - model_rss)}
+    if Path(volume).name == "ct_dicom":
+        reference = resample_to_reference(read_volume(DATA / "ct_dicom_labels.nii.gz", allow_constant=True), pred)
+        scores = score_label_maps(sitk.GetArrayFromImage(pred), sitk.GetArrayFromImage(reference),
+                                  loaded.card.classes, tuple(reversed(pred.GetSpacing())))
+        row["dice"] = {name: round(c["dice"], 4) for name, c in scores["classes"].items()}
+    return row
 
 
 def synthetic_volume(folder: Path, slices: int = 300) -> Path:
@@ -68,31 +79,37 @@ def synthetic_volume(folder: Path, slices: int = 300) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True, help="a fine-tuned checkpoint (e.g. out/demo/one_volume.safetensors)")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--child", nargs=2, metavar=("VOLUME", "MODEL"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=4, metavar=("VOLUME", "MODEL", "BATCH", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child[0], args.child[1], args.batch_size)))
+        volume, model, batch, precision = args.child
+        print(json.dumps(measure(volume, model, int(batch), precision)))
         return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        volumes = [DATA / "ct_dicom", DATA / "ct_3mm.nii.gz", synthetic_volume(Path(tmp))]
-        for volume in volumes:
-            out = subprocess.run([sys.executable, __file__, "--model", args.model, "--batch-size",
-                                  str(args.batch_size), "--child", str(volume), args.model],
+        # (volume, batch size, precision): the default path (batch 4, auto) on every volume, plus fp32 and
+        # batch 1 on the DICOM series to show what reduced precision and batching change (time and Dice).
+        runs = [(DATA / "ct_dicom", 4, "auto"), (DATA / "ct_dicom", 4, "fp32"), (DATA / "ct_dicom", 1, "auto"),
+                (DATA / "ct_3mm.nii.gz", 4, "auto"), (synthetic_volume(Path(tmp)), 4, "auto")]
+        for volume, batch, precision in runs:
+            out = subprocess.run([sys.executable, __file__, "--model", args.model,
+                                  "--child", str(volume), args.model, str(batch), precision],
                                  check=True, capture_output=True, text=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": 2,
-               "note": "2-core shared x86_64 VM, no GPU"}
+    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+               "note": "2-core x86_64 VM (AVX512-BF16/AMX), no GPU; idle while measuring"}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "inference.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
     lines = [f"# Whole-volume inference (CPU)\n\nMachine: {machine['note']}. LiteMedSAM + SAMed head, "
              "streaming slices; peak RSS measured per volume in its own process.\n",
-             "| volume | size | batch | s/slice | total s | model RSS MB | peak RSS MB | peak above model MB |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['volume']} | {'x'.join(map(str, r['size']))} | {r['batch_size']} | {r['s_per_slice']} | "
-              f"{r['seconds']} | {r['model_rss_mb']} | {r['peak_rss_mb']} | {r['peak_above_model_mb']} |" for r in rows]
+             "| volume | size | batch | precision | s/slice | total s | model RSS MB | peak RSS MB | peak above model MB "
+             "| Dice vs reference |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['volume']} | {'x'.join(map(str, r['size']))} | {r['batch_size']} | {r['precision']} | "
+              f"{r['s_per_slice']} | {r['seconds']} | {r['model_rss_mb']} | {r['peak_rss_mb']} | "
+              f"{r['peak_above_model_mb']} | {', '.join(f'{k} {v:.3f}' for k, v in r.get('dice', {}).items())} |"
+              for r in rows]
     (RESULTS / "inference.md").write_text("\n".join(lines) + "\n")
 
 
