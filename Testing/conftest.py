@@ -105,7 +105,7 @@ def ct_slice(shared_data):
                                 parse_class_list("5:liver"), prep)
     z = int(volume.labels.reshape(volume.labels.shape[0], -1).sum(1).argmax())
     theta = slice_to_model_theta(volume.image.shape[1:], volume.spacing_yx, prep)
-    image = model_input(torch.from_numpy(volume.image[z:z + 1]), theta, prep)
+    image = model_input(torch.from_numpy(volume.image[z:z + 1]), theta, prep, volume.spacing_yx)
     liver = to_model_grid(torch.from_numpy(volume.labels[z:z + 1].astype(np.float32))[None], theta, prep.input_size,
                           mode="nearest")[0, 0] > 0
     assert liver.sum() > 2000  # a big liver cross-section

@@ -26,7 +26,8 @@ from SAMedLib.classes import SegmentClass
 from SAMedLib.errors import SAMedError
 from SAMedLib.inference import Cancelled, resolve_device, segment_image
 from SAMedLib.model_card import ModelCard, Preprocessing
-from SAMedLib.preprocessing import from_model_grid, model_input, slice_to_model_theta, to_model_grid
+from SAMedLib.preprocessing import (from_model_grid, gaussian_blur, model_input, slice_to_model_theta, smoothing_sigmas,
+                                    to_model_grid)
 from SAMedLib.volume_io import resample_to_reference
 
 ORGAN = SegmentClass.named(7, "organ")
@@ -169,6 +170,49 @@ def test_spacing_mode_keeps_physical_size():
     assert abs(stretched.any(dim=1).sum().item() - stretched.any(dim=0).sum().item()) > 20
 
 
+def test_smoothing_sigmas_follow_fwhm_arithmetic():
+    assert smoothing_sigmas((3.0, 3.0), Preprocessing(resolution_mm=3.0)) == (0.0, 0.0)  # the training scan itself
+    sy, sx = smoothing_sigmas((0.977, 0.5), Preprocessing(resolution_mm=3.0))
+    assert sy == pytest.approx(np.sqrt(9 - 0.977**2) / 2.3548 / 0.977, rel=1e-3)  # ~1.23 px
+    assert sx == pytest.approx(np.sqrt(9 - 0.25) / 2.3548 / 0.5, rel=1e-3)
+    # No training resolution recorded: antialiasing to the 1.6 mm model pixel only.
+    assert smoothing_sigmas((0.977, 0.977), Preprocessing())[0] == pytest.approx(np.sqrt(1.6**2 - 0.977**2) / 2.3548 / 0.977,
+                                                                                rel=1e-3)
+
+
+def test_gaussian_blur_keeps_constants_and_has_the_asked_width():
+    flat = torch.full((1, 1, 21, 21), 0.3)
+    assert torch.allclose(gaussian_blur(flat, 1.5, 1.5), flat)
+    impulse = torch.zeros(1, 1, 41, 41)
+    impulse[0, 0, 20, 20] = 1.0
+    blurred = gaussian_blur(impulse, 2.0, 0.0)[0, 0]
+    assert blurred.sum().item() == pytest.approx(1.0, abs=1e-5) and torch.equal(blurred[:, 19], torch.zeros(41))
+    offsets = torch.arange(41.0) - 20
+    assert (blurred[:, 20] * offsets**2).sum().item() == pytest.approx(4.0, rel=0.02)  # variance = sigma^2
+
+
+def test_a_fine_scan_reaches_the_model_like_a_coarse_scan_of_the_same_anatomy():
+    """One smooth-edged anatomy sampled at 1 mm and at 3 mm (box-averaged, as a thick-pixel scanner does).
+
+    With the model's resolution at 3 mm, the 1 mm scan's model input is much closer to the 3 mm one's
+    than when it is only resampled."""
+    fine_mm, coarse_mm, extent = 1.0, 3.0, 300
+    yy, xx = np.mgrid[0:extent, 0:extent] + 0.5  # 1 mm pixel centres
+    anatomy = ((yy - 150) ** 2 / 60**2 + (xx - 140) ** 2 / 90**2 < 1).astype(np.float32) * 0.6
+    anatomy += ((yy - 120) ** 2 + (xx - 190) ** 2 < 12**2) * 0.35  # a small bright structure
+    anatomy += ((np.sin(xx / 2.0) * np.sin(yy / 2.0)) > 0.7) * 0.05 * (anatomy > 0)  # fine texture a 3 mm pixel loses
+    coarse = anatomy.reshape(100, 3, 100, 3).mean(axis=(1, 3))
+    prep = Preprocessing(resolution_mm=coarse_mm)
+    as_coarse = model_input(torch.from_numpy(coarse)[None], slice_to_model_theta((100, 100), (3.0, 3.0), prep),
+                            prep, (coarse_mm, coarse_mm))
+    theta = slice_to_model_theta((extent, extent), (fine_mm, fine_mm), prep)
+    matched = model_input(torch.from_numpy(anatomy)[None], theta, prep, (fine_mm, fine_mm))
+    unmatched = model_input(torch.from_numpy(anatomy)[None], theta, Preprocessing(), (fine_mm, fine_mm))
+    gap_matched = (matched - as_coarse).abs().mean().item()
+    gap_unmatched = (unmatched - as_coarse).abs().mean().item()
+    assert gap_matched < 0.6 * gap_unmatched, (gap_matched, gap_unmatched)
+
+
 def test_wide_slice_is_cropped_to_the_field_of_view_and_marked_outside():
     """A 500 mm slice (512 px at 0.977 mm) in spacing mode: only the central 409.6 mm is covered."""
     prep = Preprocessing()
@@ -178,7 +222,7 @@ def test_wide_slice_is_cropped_to_the_field_of_view_and_marked_outside():
     assert abs(covered - 409.6 / 0.977) <= 2
     assert not inside[0, 0] and inside[256, 256]
     slices = torch.rand(2, 512, 512)
-    assert model_input(slices, theta, prep).shape == (2, 3, 256, 256)
+    assert model_input(slices, theta, prep, (0.977, 0.977)).shape == (2, 3, 256, 256)
 
 
 # --------------------------------------------------------------------------- segment_image geometry
@@ -226,10 +270,10 @@ def test_segment_image_spacing_mode_sees_physical_size():
     """Through segment_image: a 60 mm wide square occupies 60 / 1.6 = 37.5 model pixels, on both scanners."""
     for spacing in ((0.8, 0.8, 2.0), (2.0, 1.25, 2.0)):
         size_x, size_y = int(round(120 / spacing[0])), int(round(120 / spacing[1]))
-        arr = np.full((2, size_y, size_x), -100, np.int16)
+        arr = np.full((2, size_y, size_x), -125, np.int16)  # window bottom: 0
         cy, cx = size_y // 2, size_x // 2
         hy, hx = int(round(30 / spacing[1])), int(round(30 / spacing[0]))
-        arr[:, cy - hy:cy + hy, cx - hx:cx + hx] = 200
+        arr[:, cy - hy:cy + hy, cx - hx:cx + hx] = 275  # window top: 1, so antialiasing keeps the 0.5 edge in place
         net = ThresholdNet()
         segment_image(image_from(arr, spacing=spacing), threshold_model(net=net), device="cpu")
         grid = net.inputs[0][0] > 0.5

@@ -33,7 +33,6 @@ from SAMedLib.backbones import build_backbone
 from SAMedLib.checkpoint import LoadedModel, load_model, read_model_card
 from SAMedLib.classes import parse_class_list
 from SAMedLib.embedding_cache import EmbeddingCache
-from SAMedLib.errors import SAMedError
 from SAMedLib.inference import segment_image
 from SAMedLib.losses import segmentation_loss, soft_dice_loss
 from SAMedLib.metrics import dice
@@ -168,7 +167,7 @@ def _ct_inputs(window=(-125.0, 275.0)) -> torch.Tensor:
     yy, xx = np.mgrid[0:40, 0:40]
     hu = np.stack([np.where((yy - 20) ** 2 + (xx - 15 - 3 * k) ** 2 < 80, 180, -60) for k in range(3)]).astype(np.float32)
     theta = slice_to_model_theta((40, 40), (5.0, 5.0), prep)
-    return model_input(torch.from_numpy(normalize_intensity(hu, prep)), theta, prep)
+    return model_input(torch.from_numpy(normalize_intensity(hu, prep)), theta, prep, (5.0, 5.0))
 
 
 def test_embedding_cache_hits_misses_and_identical_embeddings():
@@ -243,7 +242,7 @@ def test_identity_view_leaves_image_unchanged():
     volume = _l_shape_volume()
     views = trainer_module._make_views(volume, np.array([0]), [[view]], Preprocessing(), 64, noise_std=0.02)
     plain = model_input(torch.from_numpy(volume.image), slice_to_model_theta((100, 100), (3.0, 3.0), Preprocessing()),
-                        Preprocessing())
+                        Preprocessing(), (3.0, 3.0))
     assert torch.equal(views.inputs, plain)
 
 
@@ -407,6 +406,7 @@ def test_short_real_fine_tune_raises_liver_dice(shared_data, tmp_path, capsys, l
     assert card.head == "cnn" and card.mode == "frozen" and [c.value for c in card.classes] == [1, 5, 6, 52]
     assert card.training["iterations"] == 30 and card.training["training_slices"] == 9  # 8 labeled + 1 background
     assert card.training["validation_mean_dice"] == max(e["mean_dice"] for e in validations)  # best one kept
+    assert card.preprocessing.resolution_mm == 3.0  # the training scan's in-plane spacing: inference smooths to it
 
     # Score on the DICOM scan (another scanner, field of view and orientation of its label file).
     image = dicom[:, :, 8:12]

@@ -90,7 +90,7 @@ def cmd_train(args) -> int:
                          pixel_spacing_mm=args.pixel_spacing, inplane=args.inplane)
     augmentation = AugmentationConfig() if not args.no_augmentation else AugmentationConfig(
         p_rot90_flip=0, p_small_rotation=0, scale_range=(1, 1), max_shift=0, contrast_range=(1, 1), brightness=0,
-        gamma_range=(1, 1), noise_std=0, p_class_offset=0)
+        gamma_range=(1, 1), noise_std=0, p_class_offset=0, p_blur=0)
     config = TrainConfig(
         images=args.image, labels=args.labels, classes=parse_class_list(args.classes), output=args.output,
         base=args.base, base_checkpoint=args.base_checkpoint, input_size=args.input_size, mode=args.mode,

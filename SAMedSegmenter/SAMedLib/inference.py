@@ -113,7 +113,7 @@ def segment_image(image: sitk.Image, model: LoadedModel, *, device: str = "auto"
         stop = min(depth, done + batch)
         slices = torch.from_numpy(normalize_intensity(volume[done:stop], prep, value_range))
         try:
-            class_index = _predict_batch(net, slices, theta, prep, device, precision)
+            class_index = _predict_batch(net, slices, theta, (spacing_y, spacing_x), prep, device, precision)
         except torch.cuda.OutOfMemoryError as exc:
             torch.cuda.empty_cache()
             if batch > 1:
@@ -140,13 +140,15 @@ def segment_image(image: sitk.Image, model: LoadedModel, *, device: str = "auto"
     return result
 
 
-def _predict_batch(net: torch.nn.Module, slices: torch.Tensor, theta: torch.Tensor, prep, device: str,
-                   precision: str) -> torch.Tensor:
+def _predict_batch(net: torch.nn.Module, slices: torch.Tensor, theta: torch.Tensor, spacing_yx: tuple[float, float],
+                   prep, device: str, precision: str) -> torch.Tensor:
     """(B,H,W) normalised slices -> (B,H,W) class indices (0 = background), logits resampled before argmax."""
     height, width = slices.shape[-2:]
-    with torch.inference_mode(), autocast(device, precision):
-        inputs = model_input(slices.to(device), theta.to(device), prep)
-        logits = net(inputs).float()
+    with torch.inference_mode():
+        # Resampling stays fp32: in bf16 the sampling grid itself would be off by up to a model pixel.
+        inputs = model_input(slices.to(device), theta.to(device), prep, spacing_yx)
+        with autocast(device, precision):
+            logits = net(inputs).float()
         native, inside = from_model_grid(logits, theta.to(device), (height, width))
         index = native.argmax(dim=1)
         index[:, ~inside] = 0  # outside the model's field of view: background

@@ -5,7 +5,9 @@ its non-zero voxels. In-plane: each axial slice of the canonical (LPS) volume is
 model's square grid, either at a fixed physical pixel size centred on the slice (``inplane="spacing"``, so
 organs have the same size in pixels whatever the scanner's field of view) or stretched to fill it
 (``"stretch"``, SAMed's behaviour). The mapping is an axis-aligned affine used by ``torch.grid_sample``
-in both directions, so predictions go back onto exactly the slice they came from.
+in both directions, so predictions go back onto exactly the slice they came from. Before resampling, a
+slice finer than the model's training resolution is smoothed to it (Gaussian, FWHM arithmetic), which is
+also the antialiasing of the downsampling.
 """
 from __future__ import annotations
 
@@ -15,7 +17,10 @@ import torch.nn.functional as F
 
 from .model_card import Preprocessing
 
-__all__ = ["intensity_range", "normalize_intensity", "slice_to_model_theta", "to_model_grid", "from_model_grid", "model_input"]
+__all__ = ["intensity_range", "normalize_intensity", "slice_to_model_theta", "to_model_grid", "from_model_grid",
+           "model_input", "gaussian_blur", "smoothing_sigmas"]
+
+FWHM_PER_SIGMA = 2.3548200450309493  # 2 * sqrt(2 * ln 2)
 
 
 def intensity_range(volume: np.ndarray, prep: Preprocessing) -> tuple[float, float]:
@@ -80,7 +85,36 @@ def from_model_grid(maps: torch.Tensor, theta: torch.Tensor, slice_shape: tuple[
     return F.grid_sample(maps, grid, mode=mode, padding_mode="border", align_corners=False), inside
 
 
-def model_input(normalized_slices: torch.Tensor, theta: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
-    """(B,H,W) normalised slices -> (B,3,S,S) encoder input (grey copied into three channels)."""
-    resampled = to_model_grid(normalized_slices.unsqueeze(1), theta, prep.input_size)
+def smoothing_sigmas(spacing_yx: tuple[float, float], prep: Preprocessing) -> tuple[float, float]:
+    """Gaussian sigmas (native pixels, y and x) that bring a slice of this spacing to the model's resolution.
+
+    Target FWHM = ``prep.resolution_mm`` (at least the model pixel); a pixel of size s counts as FWHM s,
+    so sigma = sqrt(target^2 - s^2) / 2.355 / s, and 0 where the slice is already that coarse.
+    """
+    target = max(prep.resolution_mm or 0.0, prep.pixel_spacing_mm if prep.inplane == "spacing" else 0.0)
+    return tuple(float(np.sqrt(max(target**2 - s**2, 0.0)) / FWHM_PER_SIGMA / s) for s in spacing_yx)
+
+
+def gaussian_blur(images: torch.Tensor, sigma_y: float, sigma_x: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B,C,H,W) with sigmas in pixels (reflect padding; sigma < 0.2: unchanged)."""
+    for axis, sigma in ((2, sigma_y), (3, sigma_x)):
+        if sigma < 0.2:
+            continue
+        radius = min(int(np.ceil(3 * sigma)), images.shape[axis] - 1)
+        taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device) / sigma) ** 2)
+        kernel = (taps / taps.sum()).view(1, 1, -1, 1) if axis == 2 else (taps / taps.sum()).view(1, 1, 1, -1)
+        padding = (0, 0, radius, radius) if axis == 2 else (radius, radius, 0, 0)
+        channels = images.shape[1]
+        images = F.conv2d(F.pad(images, padding, mode="reflect"), kernel.expand(channels, 1, -1, -1), groups=channels)
+    return images
+
+
+def model_input(normalized_slices: torch.Tensor, theta: torch.Tensor, prep: Preprocessing,
+                spacing_yx: tuple[float, float]) -> torch.Tensor:
+    """(B,H,W) normalised native slices -> (B,3,S,S) encoder input (grey copied into three channels).
+
+    Smoothed to the model's resolution, then resampled onto the model grid by ``theta``.
+    """
+    smoothed = gaussian_blur(normalized_slices.unsqueeze(1), *smoothing_sigmas(spacing_yx, prep))
+    resampled = to_model_grid(smoothed, theta, prep.input_size)
     return resampled.expand(-1, 3, -1, -1).contiguous()

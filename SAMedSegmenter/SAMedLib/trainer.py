@@ -34,7 +34,7 @@ from .inference import resolve_device
 from .losses import segmentation_loss
 from .model import SAMedModel, build_model, trainable_state_dict
 from .model_card import ModelCard, Preprocessing
-from .preprocessing import slice_to_model_theta, to_model_grid
+from .preprocessing import gaussian_blur, model_input, slice_to_model_theta, to_model_grid
 from .schedule import learning_rate
 from .training_data import TrainingVolume, load_training_pair, select_slices
 
@@ -119,7 +119,10 @@ def _make_views(volume: TrainingVolume, slices: np.ndarray, views: list[list[Vie
         for view in slice_views:
             composed = view.compose(theta)
             shifted = apply_class_offsets(image, label, view)
-            x = apply_intensity(to_model_grid(shifted, composed, prep.input_size), view, noise_std)
+            x = model_input(shifted[:, 0], composed, prep, volume.spacing_yx)[:, :1]
+            if view.blur_sigma > 0:
+                x = gaussian_blur(x, view.blur_sigma, view.blur_sigma)
+            x = apply_intensity(x, view, noise_std)
             inputs.append(x.expand(-1, 3, -1, -1))
             targets.append(to_model_grid(label, composed, target_size, mode="nearest")[:, 0].long())
     return _Views(torch.cat(inputs), torch.cat(targets))
@@ -209,6 +212,8 @@ def _train(config: TrainConfig, progress, progress_json: bool, stop: _StopFlag) 
 
     # Data: training slices, held-out validation slices (or a validation volume).
     volumes = [load_training_pair(i, l, config.classes, prep) for i, l in zip(config.images, config.labels)]
+    if prep.resolution_mm is None:  # the card's prep: inference smooths finer scans to what training saw
+        prep.resolution_mm = max(max(v.spacing_yx) for v in volumes)
     train_parts, val_parts = [], []
     for volume in volumes:
         slices = select_slices(volume, config.max_labeled_slices, config.background_fraction,
