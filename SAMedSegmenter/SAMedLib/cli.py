@@ -88,7 +88,7 @@ def cmd_train(args) -> int:
         raise SystemExit(_fail(f"need one --labels per --image (got {len(args.image)} and {len(args.labels)})"))
     prep = Preprocessing(modality=args.modality, window=tuple(args.window),
                          pixel_spacing_mm=args.pixel_spacing, inplane=args.inplane)
-    augmentation = AugmentationConfig() if not args.no_augmentation else AugmentationConfig(
+    augmentation = AugmentationConfig(p_rot90_flip=args.rot90_flip) if not args.no_augmentation else AugmentationConfig(
         p_rot90_flip=0, p_small_rotation=0, scale_range=(1, 1), max_shift=0, contrast_range=(1, 1), brightness=0,
         gamma_range=(1, 1), noise_std=0, p_class_offset=0, p_blur=0)
     config = TrainConfig(
@@ -128,6 +128,7 @@ def cmd_import_samed(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .acceleration import PRECISIONS
+    from .augmentation import AugmentationConfig
     from .trainer import TrainConfig  # the defaults live in one place
 
     parser = argparse.ArgumentParser(prog="samed", description="SAMed/AutoSAM prompt-free segmentation of CT/MR volumes")
@@ -181,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--inplane", default="spacing", choices=["spacing", "stretch"])
     tr.add_argument("--pixel-spacing", type=float, default=1.6, help="mm per model pixel (inplane=spacing)")
     tr.add_argument("--no-augmentation", action="store_true")
+    tr.add_argument("--rot90-flip", type=float, default=AugmentationConfig.p_rot90_flip, metavar="P",
+                    help="probability of SAMed's random 90-degree rotation + flip (SAMed: 0.5; default 0 keeps "
+                         "the canonical orientation's left/right cue)")
     tr.add_argument("--device", default="auto")
     tr.add_argument("--precision", default=TrainConfig.precision, choices=PRECISIONS,
                     help=PRECISION_HELP + " (frozen-encoder embeddings)")
