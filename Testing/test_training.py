@@ -249,7 +249,8 @@ def test_identity_view_leaves_image_unchanged():
 def test_labels_stay_aligned_with_the_image_under_random_views():
     volume = _l_shape_volume()
     geometric_only = AugmentationConfig(contrast_range=(1, 1), brightness=0, gamma_range=(1, 1), noise_std=0,
-                                        p_class_offset=0)
+                                        p_class_offset=0, p_blur=0,
+                                        p_rot90_flip=0.5)  # SAMed's rot90 + flip, to test them
     rng = np.random.default_rng(7)
     views = [sample_view(rng, geometric_only, 1) for _ in range(16)]
     assert any(abs(v.matrix[1]) > 0.5 for v in views)  # some 90-degree rotations
