@@ -165,8 +165,8 @@ def render(results: dict, classes) -> str:
                  for r in runs]
         bound = f" {fmt(ub['scores']['classes'][c.name]['dice'])} |" if ub else ""
         lines.append(f"| {c.name} | " + " | ".join(cells) + " |" + bound)
-    means = " | ".join(f"**{r['mean_dice_4']:.3f}** | " for r in runs)
-    lines.append(f"| **mean (spleen, liver, stomach, aorta)** | {means}" + (f" {ub['mean_dice_4']:.3f} |" if ub else ""))
+    means = "".join(f"**{r['mean_dice_4']:.3f}** | | " for r in runs)
+    lines.append(f"| **mean (spleen, liver, stomach, aorta)** | {means}" + (f"{ub['mean_dice_4']:.3f} |" if ub else ""))
     lines += ["", "| seed | training s | inference s (20 slices of 512x512) |", "|---|---|---|"]
     lines += [f"| {r['seed']} | {r['train_seconds']:.0f} | {r['inference_seconds']:.0f} |" for r in runs]
     lines += ["", "Pancreas covers only a few voxels of ct_dicom's first slices; it is reported, not in the headline mean."]
@@ -174,6 +174,8 @@ def render(results: dict, classes) -> str:
         lines += ["", "## Label efficiency (same recipe and seed, only N labeled slices of ct_3mm)", "",
                   "| labeled slices | mean Dice (4 organs) | spleen | liver | stomach | aorta | train s |",
                   "|---|---|---|---|---|---|---|"]
+        lines.insert(-2, "One training seed per point, so single points are noisy (the curve need not be monotonic); "
+                         "\"all\" is the headline run of the same seed.\n")
         for row in results["label_efficiency"]:
             d = row["dice"]
             lines.append(f"| {row['labeled_slices']} | {row['mean_dice_4']:.3f} | {d['spleen']:.3f} | {d['liver']:.3f} | "
