@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--output", required=True, help="label map to write (.nii.gz, .nii, .nrrd, .mha)")
     seg.add_argument("--seg-nrrd", help="also write a Slicer segmentation (.seg.nrrd)")
     seg.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
-    seg.add_argument("--batch-size", type=int, default=None, help="slices per forward pass (default 16 GPU / 4 CPU)")
+    seg.add_argument("--batch-size", type=int, default=None, help="slices per forward pass (default 16 CUDA / 4 MPS / 1 CPU)")
     seg.add_argument("--largest-component", action="store_true", help="keep each class's largest 3D component")
     seg.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     seg.add_argument("--base-checkpoint", help="official SAM checkpoint, for models fine-tuned from sam_vit_*")
