@@ -26,7 +26,7 @@ from SAMedLib.acceleration import autocast, precision_name, prepare_encoder
 from SAMedLib.backbones import build_backbone
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CONFIGS = [("litemedsam", 256, (1, 2, 4, 8)), ("sam_vit_b", 512, (1, 2, 4)), ("sam_vit_b", 1024, (1, 2)),
+CONFIGS = [("litemedsam", 256, (1, 2, 8)), ("sam_vit_b", 512, (1, 2)), ("sam_vit_b", 1024, (1,)),
            ("sam_vit_l", 1024, (1,)), ("sam_vit_h", 1024, (1,))]
 
 
@@ -72,6 +72,8 @@ def main() -> None:
         prepared = prepare_encoder(copy.deepcopy(eager))
         variants = {"eager fp32": (eager, False, "fp32"), "prepared fp32": (prepared, False, "fp32"),
                     f"prepared + autocast ({reduced_name})": (prepared, True, reduced_name)}
+        if name != "litemedsam":  # SAM's ViT has no BatchNorm to fold: "prepared fp32" would time eager again
+            del variants["prepared fp32"]
         for variant, (encoder, reduced, dtype) in variants.items():
             timings = {b: seconds_per_slice(encoder, b, size, repeats, reduced) for b in batches}
             best = min(timings, key=timings.get)
