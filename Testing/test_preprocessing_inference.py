@@ -175,9 +175,11 @@ def test_smoothing_sigmas_follow_fwhm_arithmetic():
     sy, sx = smoothing_sigmas((0.977, 0.5), Preprocessing(resolution_mm=3.0))
     assert sy == pytest.approx(np.sqrt(9 - 0.977**2) / 2.3548 / 0.977, rel=1e-3)  # ~1.23 px
     assert sx == pytest.approx(np.sqrt(9 - 0.25) / 2.3548 / 0.5, rel=1e-3)
-    # No training resolution recorded: antialiasing to the 1.6 mm model pixel only.
-    assert smoothing_sigmas((0.977, 0.977), Preprocessing())[0] == pytest.approx(np.sqrt(1.6**2 - 0.977**2) / 2.3548 / 0.977,
-                                                                                rel=1e-3)
+    # Coarser recorded resolution than the model pixel: the model pixel still sets the antialiasing.
+    assert smoothing_sigmas((0.977, 0.977), Preprocessing(resolution_mm=1.0))[0] == pytest.approx(
+        np.sqrt(1.6**2 - 0.977**2) / 2.3548 / 0.977, rel=1e-3)
+    # No resolution in the card (older models, imported SAMed): no smoothing, as they were trained.
+    assert smoothing_sigmas((0.977, 0.977), Preprocessing()) == (0.0, 0.0)
 
 
 def test_gaussian_blur_keeps_constants_and_has_the_asked_width():

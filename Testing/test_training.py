@@ -8,6 +8,7 @@ the LoRA run is 3 iterations of batch 1 on one slice.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -283,6 +284,29 @@ def test_intensity_jitter_stays_in_range_and_keeps_organ_brighter():
         assert pooled_image[organ].mean() > pooled_image[body].mean()
     # Reproducible: the same seed gives the same views.
     assert [sample_view(np.random.default_rng(3), AugmentationConfig(), 1) for _ in range(1)] == views[:1]
+
+
+def test_default_views_keep_the_canonical_orientation():
+    """No rot90/flip by default: every view is a small rotation (<= 20 degrees) with positive determinant."""
+    rng = np.random.default_rng(11)
+    for view in (sample_view(rng, AugmentationConfig(), 2) for _ in range(200)):
+        a, b, c, d = view.matrix
+        assert a * d - b * c > 0  # no flip
+        assert abs(math.degrees(math.atan2(c, a))) <= 20.0 + 1e-6  # no 90-degree turn
+        assert len(view.class_offsets) == 2  # per-class offsets on every augmented view
+
+
+def test_blur_augmentation_smooths_the_view():
+    volume = _l_shape_volume()
+    plain = ViewAugmentation.identity()
+    blurred = dataclasses.replace(plain, blur_sigma=1.0)
+    made = trainer_module._make_views(volume, np.array([0]), [[plain, blurred]], Preprocessing(), 64, noise_std=0.0)
+    image, smooth = made.inputs[0, 0], made.inputs[1, 0]
+    # Gradient energy (total variation would not do: a blurred step keeps its height).
+    energy = [float(((x[1:] - x[:-1]) ** 2).sum() + ((x[:, 1:] - x[:, :-1]) ** 2).sum()) for x in (image, smooth)]
+    assert energy[1] < 0.7 * energy[0], energy
+    assert abs(float(smooth.sum() - image.sum())) < 0.02 * float(image.sum())  # blurred, not darkened
+    assert torch.equal(made.targets[0], made.targets[1])  # labels are not blurred
 
 
 # --------------------------------------------------------------------------- bad training input

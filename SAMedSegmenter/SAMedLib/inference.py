@@ -91,7 +91,7 @@ def segment_image(image: sitk.Image, model: LoadedModel, *, device: str = "auto"
     batch = int(batch_size or default_batch_size(device))
     if batch < 1:
         raise SAMedError(f"batch size must be >= 1, got {batch}")
-    precision_name(device, precision)  # rejects an unknown precision before any work
+    compute = precision_name(device, precision)  # also rejects an unknown precision before any work
     net = model.model.to(device).eval()
     prepare_encoder(net.image_encoder)  # BatchNorm folded + channels-last: same outputs, faster
     report = progress or (lambda fraction, message: None)
@@ -108,7 +108,7 @@ def segment_image(image: sitk.Image, model: LoadedModel, *, device: str = "auto"
     labels = np.zeros(volume.shape, dtype=out_dtype)
 
     start, done = time.perf_counter(), 0
-    report(0.0, f"segmenting {depth} slices on {device} ({precision_name(device, precision)})")
+    report(0.0, f"segmenting {depth} slices on {device} ({compute})")
     while done < depth:
         if cancelled():
             raise Cancelled("segmentation cancelled")

@@ -32,7 +32,7 @@ class Preprocessing:
     input_size: int = 256
     # In-plane resolution (FWHM, mm) the model was trained at: finer slices are smoothed to it before
     # resampling, so a model trained on a 3 mm scan sees a 0.98 mm scan as it saw its training data
-    # (measured: that gap alone cost 0.2 mean Dice). Set by training; None: antialiasing to the model pixel.
+    # (measured: that gap alone cost 0.2 mean Dice). Set by training; None: no smoothing (older cards).
     resolution_mm: float | None = None
 
     def __post_init__(self):

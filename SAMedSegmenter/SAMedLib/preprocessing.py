@@ -89,9 +89,13 @@ def smoothing_sigmas(spacing_yx: tuple[float, float], prep: Preprocessing) -> tu
     """Gaussian sigmas (native pixels, y and x) that bring a slice of this spacing to the model's resolution.
 
     Target FWHM = ``prep.resolution_mm`` (at least the model pixel); a pixel of size s counts as FWHM s,
-    so sigma = sqrt(target^2 - s^2) / 2.355 / s, and 0 where the slice is already that coarse.
+    so sigma = sqrt(target^2 - s^2) / 2.355 / s, and 0 where the slice is already that coarse. A card
+    without a resolution (trained before resolution matching, or an imported SAMed model) is not smoothed:
+    inference does what its training did.
     """
-    target = max(prep.resolution_mm or 0.0, prep.pixel_spacing_mm if prep.inplane == "spacing" else 0.0)
+    if prep.resolution_mm is None:
+        return 0.0, 0.0
+    target = max(prep.resolution_mm, prep.pixel_spacing_mm if prep.inplane == "spacing" else 0.0)
     return tuple(float(np.sqrt(max(target**2 - s**2, 0.0)) / FWHM_PER_SIGMA / s) for s in spacing_yx)
 
 

@@ -120,9 +120,7 @@ def _make_views(volume: TrainingVolume, slices: np.ndarray, views: list[list[Vie
             composed = view.compose(theta)
             shifted = apply_class_offsets(image, label, view)
             x = model_input(shifted[:, 0], composed, prep, volume.spacing_yx)[:, :1]
-            if view.blur_sigma > 0:
-                x = gaussian_blur(x, view.blur_sigma, view.blur_sigma)
-            x = apply_intensity(x, view, noise_std)
+            x = apply_intensity(gaussian_blur(x, view.blur_sigma, view.blur_sigma), view, noise_std)
             inputs.append(x.expand(-1, 3, -1, -1))
             targets.append(to_model_grid(label, composed, target_size, mode="nearest")[:, 0].long())
     return _Views(torch.cat(inputs), torch.cat(targets))
@@ -308,7 +306,7 @@ def _train(config: TrainConfig, progress, progress_json: bool, stop: _StopFlag) 
 
     def _write(tensors, iteration: int) -> None:
         card.training = _summary(config, mode, iteration, best_mean, best_dice, time.perf_counter() - started,
-                                 volumes, train_parts)
+                                 volumes, train_parts, precision)
         save_tensors(tensors, card, config.output)
         report({"event": "checkpoint", "path": str(config.output), "iteration": iteration})
 
@@ -378,14 +376,13 @@ def _save_resume(path: Path, model: SAMedModel, optimizer, iteration: int, best_
 
 
 def _summary(config: TrainConfig, mode: str, iteration: int, best_mean: float, best_dice: dict, seconds: float,
-             volumes: list[TrainingVolume], train_parts) -> dict:
+             volumes: list[TrainingVolume], train_parts, precision: str) -> dict:
     return {"mode": mode, "iterations": iteration, "iterations_planned": config.iterations,
             "batch_size": config.batch_size, "learning_rate": config.learning_rate,
             "views_per_slice": config.views_per_slice, "training_slices": int(sum(len(s) for _, s in train_parts)),
             "images": [v.name for v in volumes], "validation_mean_dice": round(best_mean, 4),
             "validation_dice": best_dice, "seconds": round(seconds, 1), "seed": config.seed,
-            "augmentation": config.augmentation.to_dict(), "torch": torch.__version__,
-            "encoder_precision": precision_name(resolve_device(config.device), config.precision)}
+            "augmentation": config.augmentation.to_dict(), "torch": torch.__version__, "encoder_precision": precision}
 
 
 def _check_config(config: TrainConfig) -> None:
