@@ -29,7 +29,7 @@ from torch import nn
 
 import SAMedLib.trainer as trainer_module
 from SAMedLib import cli
-from SAMedLib.augmentation import AugmentationConfig, ViewAugmentation, apply_class_offsets, apply_intensity, sample_view
+from SAMedLib.augmentation import AugmentationConfig, ViewAugmentation, apply_class_levels, apply_intensity, sample_view
 from SAMedLib.backbones import build_backbone
 from SAMedLib.checkpoint import LoadedModel, load_model, read_model_card
 from SAMedLib.classes import parse_class_list
@@ -47,9 +47,9 @@ from SAMedLib.volume_io import read_volume, resample_to_reference
 
 REPO = Path(__file__).resolve().parents[1]
 FOUR_ORGANS = "1:spleen,5:liver,6:stomach,52:aorta"
-NO_AUGMENTATION = AugmentationConfig(p_rot90_flip=0, p_small_rotation=0, scale_range=(1, 1), max_shift=0,
+NO_AUGMENTATION = AugmentationConfig(p_rot90_flip=0, p_small_rotation=0, scale_range=(1, 1), max_shift=0, p_far_shift=0,
                                      contrast_range=(1, 1), brightness=0, gamma_range=(1, 1), noise_std=0,
-                                     p_class_offset=0)
+                                     p_class_level=0)
 ITERATION_KEYS = {"event", "iteration", "iterations", "loss", "lr", "eta_s"}
 
 
@@ -239,7 +239,7 @@ def test_identity_view_leaves_image_unchanged():
     assert torch.equal(view.compose(theta), theta)
     image = torch.rand(1, 1, 32, 32)
     assert torch.equal(apply_intensity(image, view, noise_std=0.02), image)
-    assert torch.equal(apply_class_offsets(image, torch.ones_like(image), view), image)
+    assert torch.equal(apply_class_levels(image, torch.ones_like(image), view), image)
     volume = _l_shape_volume()
     views = trainer_module._make_views(volume, np.array([0]), [[view]], Preprocessing(), 64, noise_std=0.02)
     plain = model_input(torch.from_numpy(volume.image), slice_to_model_theta((100, 100), (3.0, 3.0), Preprocessing()),
@@ -249,8 +249,8 @@ def test_identity_view_leaves_image_unchanged():
 
 def test_labels_stay_aligned_with_the_image_under_random_views():
     volume = _l_shape_volume()
-    geometric_only = AugmentationConfig(contrast_range=(1, 1), brightness=0, gamma_range=(1, 1), noise_std=0,
-                                        p_class_offset=0, p_blur=0,
+    geometric_only = AugmentationConfig(p_far_shift=0, contrast_range=(1, 1), brightness=0, gamma_range=(1, 1), noise_std=0,
+                                        p_class_level=0, p_blur=0,
                                         p_rot90_flip=0.5)  # SAMed's rot90 + flip, to test them
     rng = np.random.default_rng(7)
     views = [sample_view(rng, geometric_only, 1) for _ in range(16)]
@@ -274,7 +274,7 @@ def test_labels_stay_aligned_with_the_image_under_random_views():
 def test_intensity_jitter_stays_in_range_and_keeps_organ_brighter():
     volume = _l_shape_volume()
     rng = np.random.default_rng(3)
-    views = [sample_view(rng, AugmentationConfig(), 1) for _ in range(8)]
+    views = [sample_view(rng, AugmentationConfig(p_far_shift=0), 1) for _ in range(8)]
     made = trainer_module._make_views(volume, np.array([0]), [views], Preprocessing(), 64, noise_std=0.02)
     assert made.inputs.min() >= 0 and made.inputs.max() <= 1
     pooled = F.avg_pool2d(made.inputs[:, :1], 4)[:, 0]
@@ -283,7 +283,7 @@ def test_intensity_jitter_stays_in_range_and_keeps_organ_brighter():
         body = (target == 0) & (pooled_image > 0.05)
         assert pooled_image[organ].mean() > pooled_image[body].mean()
     # Reproducible: the same seed gives the same views.
-    assert [sample_view(np.random.default_rng(3), AugmentationConfig(), 1) for _ in range(1)] == views[:1]
+    assert [sample_view(np.random.default_rng(3), AugmentationConfig(p_far_shift=0), 1) for _ in range(1)] == views[:1]
 
 
 def test_default_views_keep_the_canonical_orientation():
@@ -293,7 +293,7 @@ def test_default_views_keep_the_canonical_orientation():
         a, b, c, d = view.matrix
         assert a * d - b * c > 0  # no flip
         assert abs(math.degrees(math.atan2(c, a))) <= 20.0 + 1e-6  # no 90-degree turn
-        assert len(view.class_offsets) == 2  # per-class offsets on every augmented view
+        assert len(view.class_levels) == 2  # per-class offsets on every augmented view
 
 
 def test_blur_augmentation_smooths_the_view():

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-__all__ = ["AugmentationConfig", "ViewAugmentation", "sample_view", "apply_intensity", "apply_class_offsets"]
+__all__ = ["AugmentationConfig", "ViewAugmentation", "sample_view", "apply_intensity", "apply_class_levels"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,10 @@ class AugmentationConfig:
     max_rotation_deg: float = 20.0
     scale_range: tuple[float, float] = (0.8, 1.25)  # zoom of the physical field of view
     max_shift: float = 0.08  # fraction of the model grid
+    # Absent-organ views: a far shift moves part of the body (and whole organs) out of the model's field of
+    # view, so the head also learns "this organ is not here" from a volume whose every slice shows it.
+    p_far_shift: float = 0.2
+    far_shift_range: tuple[float, float] = (0.35, 0.75)  # fraction of the model grid, in a random direction
     contrast_range: tuple[float, float] = (0.75, 1.35)
     brightness: float = 0.1
     gamma_range: tuple[float, float] = (0.7, 1.5)
@@ -32,10 +36,13 @@ class AugmentationConfig:
     # Extra Gaussian blur (model pixels) on some views: tolerance to scans smoother than the training scan.
     blur_sigma_range: tuple[float, float] = (0.3, 1.2)
     p_blur: float = 0.25
-    # Per-class intensity offset (in window units: 0.25 = 100 HU on SAMed's 400 HU window), drawn once per
-    # view and class. It imitates contrast phases: an aorta at 40 HU without contrast and 150 HU with it.
-    class_offset_range: tuple[float, float] = (-0.05, 0.35)
-    p_class_offset: float = 1.0  # measured: 0.5 left the contrast-enhanced aorta and stomach unrecognised
+    # Per-class intensity level (window units: 0 = -125 HU, 1 = 275 HU on SAMed's window), drawn once per view
+    # and class: the class's voxels are shifted so that their mean lands there. It imitates contrast phases
+    # in both directions without knowing which class is a vessel: an aorta at ~40 HU without contrast, ~150 HU
+    # portal-venous, 250-400 HU arterial (saturated at the top of the window); parenchyma shifted by tens of
+    # HU. 0.35..1.0 = 15 HU..saturated. The plain view of every slice keeps the scan's own contrast.
+    class_level_range: tuple[float, float] = (0.35, 1.0)
+    p_class_level: float = 1.0  # measured (offsets, stop 8): 0.5 left the contrast-enhanced aorta unrecognised
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,7 +58,7 @@ class ViewAugmentation:
     brightness: float = 0.0
     gamma: float = 1.0
     noise_seed: int = -1  # -1: no noise
-    class_offsets: tuple[float, ...] = ()  # added to each foreground class's voxels (index 1..C), before resampling
+    class_levels: tuple[float, ...] = ()  # mean intensity each foreground class (index 1..C) is moved to
     blur_sigma: float = 0.0  # model pixels, after resampling
 
     @classmethod
@@ -80,23 +87,32 @@ def sample_view(rng: np.random.Generator, config: AugmentationConfig, num_classe
     scale = math.exp(rng.uniform(math.log(config.scale_range[0]), math.log(config.scale_range[1])))
     matrix = matrix / scale  # sampling a smaller region = zooming in
     shift = rng.uniform(-config.max_shift, config.max_shift, size=2) * 2
+    if rng.random() < config.p_far_shift:
+        angle = rng.uniform(0, 2 * math.pi)
+        shift = 2 * rng.uniform(*config.far_shift_range) * np.array([math.cos(angle), math.sin(angle)])
     return ViewAugmentation(
         tuple(float(v) for v in matrix.ravel()), (float(shift[0]), float(shift[1])),
         contrast=float(rng.uniform(*config.contrast_range)),
         brightness=float(rng.uniform(-config.brightness, config.brightness)),
         gamma=float(math.exp(rng.uniform(math.log(config.gamma_range[0]), math.log(config.gamma_range[1])))),
         noise_seed=int(rng.integers(2**31)) if config.noise_std > 0 else -1,
-        class_offsets=tuple(float(v) for v in rng.uniform(*config.class_offset_range, size=num_classes))
-        if num_classes and rng.random() < config.p_class_offset else (),
+        class_levels=tuple(float(v) for v in rng.uniform(*config.class_level_range, size=num_classes))
+        if num_classes and rng.random() < config.p_class_level else (),
         blur_sigma=float(rng.uniform(*config.blur_sigma_range)) if rng.random() < config.p_blur else 0.0)
 
 
-def apply_class_offsets(image: torch.Tensor, labels: torch.Tensor, view: ViewAugmentation) -> torch.Tensor:
-    """Shift each class's intensities by its offset (native slice, before resampling), clipped to [0, 1]."""
-    if not view.class_offsets:
+def apply_class_levels(image: torch.Tensor, labels: torch.Tensor, view: ViewAugmentation) -> torch.Tensor:
+    """Shift each class's voxels so that their mean is the view's level for it (native slice, before
+    resampling; texture kept), clipped to [0, 1]."""
+    if not view.class_levels:
         return image
-    offsets = torch.tensor((0.0, *view.class_offsets), dtype=image.dtype)
-    return (image + offsets[labels.long().clamp(max=len(view.class_offsets))]).clamp(0, 1)
+    index = labels.long().clamp(max=len(view.class_levels))
+    offsets = torch.zeros(len(view.class_levels) + 1, dtype=image.dtype)
+    for c, level in enumerate(view.class_levels, start=1):
+        inside = index == c
+        if inside.any():
+            offsets[c] = level - image[inside].mean()
+    return (image + offsets[index]).clamp(0, 1)
 
 
 def apply_intensity(image: torch.Tensor, view: ViewAugmentation, noise_std: float) -> torch.Tensor:

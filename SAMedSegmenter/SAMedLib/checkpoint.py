@@ -22,6 +22,7 @@ from .errors import CheckpointError
 from .lora import merge_lora
 from .model import SAMedModel, build_model, trainable_state_dict
 from .model_card import ModelCard, Preprocessing
+from .prompting import PromptDecoder
 
 __all__ = ["LoadedModel", "save_checkpoint", "save_tensors", "build_from_card", "load_trainable_tensors", "read_model_card", "load_model", "import_samed_checkpoint",
            "CheckpointError", "METADATA_KEY"]
@@ -34,6 +35,8 @@ class LoadedModel:
     model: SAMedModel
     card: ModelCard
     path: Path | None = None
+    # The base model's own prompt encoder + mask decoder (pretrained, frozen) for self-prompted refinement.
+    prompt_decoder: PromptDecoder | None = None
 
 
 def save_checkpoint(model: SAMedModel, card: ModelCard, path: str | Path) -> Path:
@@ -79,6 +82,10 @@ def read_model_card(path: str | Path) -> ModelCard:
 
 def build_from_card(card: ModelCard, base_checkpoint: str | Path | None = None) -> SAMedModel:
     """The untrained model a card describes, on the verified base weights."""
+    return _build_from_card(card, base_checkpoint)[0]
+
+
+def _build_from_card(card: ModelCard, base_checkpoint: str | Path | None) -> tuple[SAMedModel, PromptDecoder]:
     if card.base_sha256 == "random":
         raise CheckpointError("this checkpoint was trained on randomly initialised base weights and cannot be rebuilt")
     if card.base_name in SAM_VIT_CONFIGS and base_checkpoint is None:
@@ -89,7 +96,8 @@ def build_from_card(card: ModelCard, base_checkpoint: str | Path | None = None) 
     if backbone.weights_sha256 != card.base_sha256:
         raise CheckpointError(f"base weights differ from the ones this model was trained on: SHA-256 "
                               f"{backbone.weights_sha256[:16]}… != {card.base_sha256[:16]}… ({card.base_name})")
-    return build_model(backbone, card.head, card.num_classes, card.mode, card.lora_rank, card.lora_alpha)
+    model = build_model(backbone, card.head, card.num_classes, card.mode, card.lora_rank, card.lora_alpha)
+    return model, PromptDecoder(backbone.prompt_encoder, backbone.mask_decoder)
 
 
 def load_model(path: str | Path, device: str = "cpu", base_checkpoint: str | Path | None = None,
@@ -97,12 +105,12 @@ def load_model(path: str | Path, device: str = "cpu", base_checkpoint: str | Pat
     """Load a checkpoint for inference (eval mode; LoRA merged into the weights unless ``merge=False``)."""
     path = Path(path)
     card = read_model_card(path)
-    model = build_from_card(card, base_checkpoint)
+    model, prompt_decoder = _build_from_card(card, base_checkpoint)
     load_trainable_tensors(model, load_file(str(path)), str(path))
     model.eval()
     if merge:
         merge_lora(model)
-    return LoadedModel(model.to(device), card, path)
+    return LoadedModel(model.to(device), card, path, prompt_decoder.to(device))
 
 
 def load_trainable_tensors(model: SAMedModel, tensors: dict[str, torch.Tensor], source: str) -> None:

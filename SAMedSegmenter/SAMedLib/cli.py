@@ -56,6 +56,7 @@ def cmd_segment(args) -> int:
     model = load_model(args.model, device=device, base_checkpoint=args.base_checkpoint)
     labels = segment_image(image, model, device=device, batch_size=args.batch_size,
                            largest_component=args.largest_component, precision=args.precision,
+                           refinement=args.refine, cleanup=args.cleanup,
                            progress=None if args.quiet else _progress_bar("segment"))
     write_image(labels, args.output)
     if args.seg_nrrd:
@@ -89,8 +90,8 @@ def cmd_train(args) -> int:
     prep = Preprocessing(modality=args.modality, window=tuple(args.window),
                          pixel_spacing_mm=args.pixel_spacing, inplane=args.inplane)
     augmentation = AugmentationConfig(p_rot90_flip=args.rot90_flip) if not args.no_augmentation else AugmentationConfig(
-        p_rot90_flip=0, p_small_rotation=0, scale_range=(1, 1), max_shift=0, contrast_range=(1, 1), brightness=0,
-        gamma_range=(1, 1), noise_std=0, p_class_offset=0, p_blur=0)
+        p_rot90_flip=0, p_small_rotation=0, scale_range=(1, 1), max_shift=0, p_far_shift=0, contrast_range=(1, 1), brightness=0,
+        gamma_range=(1, 1), noise_std=0, p_class_level=0, p_blur=0)
     config = TrainConfig(
         images=args.image, labels=args.labels, classes=parse_class_list(args.classes), output=args.output,
         base=args.base, base_checkpoint=args.base_checkpoint, input_size=args.input_size, mode=args.mode,
@@ -98,7 +99,7 @@ def cmd_train(args) -> int:
         batch_size=args.batch_size, learning_rate=args.lr, views_per_slice=args.views_per_slice,
         max_labeled_slices=args.max_labeled_slices, validation_image=args.val_image,
         validation_labels=args.val_labels, validate_every=args.validate_every, early_stopping=args.early_stopping,
-        device=args.device, precision=args.precision, seed=args.seed, cache_dir=args.cache_dir, resume=args.resume,
+        refinement=args.refinement, cleanup=args.cleanup, device=args.device, precision=args.precision, seed=args.seed, cache_dir=args.cache_dir, resume=args.resume,
         preprocessing=prep,
         augmentation=augmentation)
     result = train(config, progress_json=args.progress_json)
@@ -129,6 +130,7 @@ def cmd_import_samed(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .acceleration import PRECISIONS
     from .augmentation import AugmentationConfig
+    from .model_card import CLEANUPS, REFINEMENTS
     from .trainer import TrainConfig  # the defaults live in one place
 
     parser = argparse.ArgumentParser(prog="samed", description="SAMed/AutoSAM prompt-free segmentation of CT/MR volumes")
@@ -142,7 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--seg-nrrd", help="also write a Slicer segmentation (.seg.nrrd)")
     seg.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
     seg.add_argument("--batch-size", type=int, default=None, help="slices per forward pass (default 16 CUDA / 4 MPS / 1 CPU)")
-    seg.add_argument("--largest-component", action="store_true", help="keep each class's largest 3D component")
+    seg.add_argument("--largest-component", action="store_true",
+                     help="keep each class's largest 3D component (same as --cleanup largest)")
+    seg.add_argument("--refine", choices=REFINEMENTS,
+                     help="self-prompted refinement by the base model's decoder (default: the model card's)")
+    seg.add_argument("--cleanup", choices=CLEANUPS, help="3D clean-up of each class (default: the model card's)")
     seg.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     seg.add_argument("--base-checkpoint", help="official SAM checkpoint, for models fine-tuned from sam_vit_*")
     seg.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -185,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--rot90-flip", type=float, default=AugmentationConfig.p_rot90_flip, metavar="P",
                     help="probability of SAMed's random 90-degree rotation + flip (SAMed: 0.5; default 0 keeps "
                          "the canonical orientation's left/right cue)")
+    tr.add_argument("--refinement", default=TrainConfig.refinement, choices=("auto", *REFINEMENTS),
+                    help="self-prompted refinement recorded in the card (auto: chosen on the validation slices)")
+    tr.add_argument("--cleanup", default=TrainConfig.cleanup, choices=CLEANUPS,
+                    help="3D clean-up recorded in the card")
     tr.add_argument("--device", default="auto")
     tr.add_argument("--precision", default=TrainConfig.precision, choices=PRECISIONS,
                     help=PRECISION_HELP + " (frozen-encoder embeddings)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict
 from typing import Callable
 
 import numpy as np
@@ -17,7 +18,11 @@ import torch
 
 from .acceleration import autocast, precision_name, prepare_encoder
 from .checkpoint import LoadedModel
+from .cleanup import keep_largest_component, keep_plausible_components
 from .errors import SAMedError
+from .model_card import Postprocessing
+from .prompting import PromptDecoder
+from .refinement import refine_logits
 from .preprocessing import from_model_grid, intensity_range, model_input, normalize_intensity, slice_to_model_theta
 from .volume_io import to_canonical, validate_volume
 
@@ -54,22 +59,9 @@ def default_batch_size(device: str) -> int:
     return 16 if device.startswith("cuda") else 4 if device == "mps" else 1
 
 
-def keep_largest_component(labels: np.ndarray, values: list[int]) -> np.ndarray:
-    """Per class, keep only its largest 3D connected component (26-connectivity)."""
-    from scipy import ndimage
-
-    out = labels.copy()
-    for value in values:
-        mask = labels == value
-        components, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
-        if count > 1:
-            sizes = np.bincount(components.ravel())[1:]
-            out[mask & (components != 1 + int(np.argmax(sizes)))] = 0
-    return out
-
-
 def segment_image(image: sitk.Image, model: LoadedModel, *, device: str = "auto", batch_size: int | None = None,
-                  largest_component: bool = False, precision: str = "auto", progress: ProgressCallback | None = None,
+                  largest_component: bool = False, precision: str = "auto", refinement: str | None = None,
+                  cleanup: str | None = None, progress: ProgressCallback | None = None,
                   should_cancel: Callable[[], bool] | None = None) -> sitk.Image:
     """Segment a 3D image; returns a label map on exactly the input grid with the card's label values.
 
@@ -79,7 +71,10 @@ def segment_image(image: sitk.Image, model: LoadedModel, *, device: str = "auto"
         device: ``auto``, ``cpu``, ``cuda[:N]`` or ``mps``.
         batch_size: slices per forward pass (default 16 on CUDA, 4 on MPS, 1 on CPU). Halved on CUDA out-of-memory;
             if even one slice does not fit, inference continues on the CPU with a warning.
-        largest_component: keep only each class's largest 3D connected component.
+        largest_component: keep only each class's largest 3D connected component (same as ``cleanup="largest"``).
+        refinement: ``none``, ``box`` or ``box+point`` (self-prompted refinement, SAMedLib.refinement);
+            None: what the model card says.
+        cleanup: 3D clean-up ``none``, ``components`` or ``largest`` (SAMedLib.cleanup); None: the card's.
         precision: ``auto`` (fp16 on CUDA, bf16 on CPUs with native bf16, else fp32) or ``fp32``.
         progress: called with (fraction done, message) after every batch.
         should_cancel: checked between batches; returning True raises ``Cancelled``.
@@ -92,7 +87,16 @@ def segment_image(image: sitk.Image, model: LoadedModel, *, device: str = "auto"
     if batch < 1:
         raise SAMedError(f"batch size must be >= 1, got {batch}")
     compute = precision_name(device, precision)  # also rejects an unknown precision before any work
+    post = Postprocessing(**{**asdict(card.postprocessing),
+                             **({"refinement": refinement} if refinement is not None else {}),
+                             **({"cleanup": cleanup} if cleanup is not None else {}),
+                             **({"cleanup": "largest"} if largest_component else {})})
+    decoder = model.prompt_decoder if post.refinement != "none" else None
+    if post.refinement != "none" and decoder is None:
+        raise SAMedError("refinement needs the base model's prompt decoder (load the model with load_model)")
     net = model.model.to(device).eval()
+    if decoder is not None:
+        decoder.to(device)
     prepare_encoder(net.image_encoder)  # BatchNorm folded + channels-last: same outputs, faster
     report = progress or (lambda fraction, message: None)
     cancelled = should_cancel or (lambda: False)
@@ -106,6 +110,8 @@ def segment_image(image: sitk.Image, model: LoadedModel, *, device: str = "auto"
     values = torch.tensor([0] + [c.value for c in card.classes], dtype=torch.int32)
     out_dtype = np.uint8 if max(c.value for c in card.classes) < 256 else np.uint16
     labels = np.zeros(volume.shape, dtype=out_dtype)
+    confidence = np.zeros(volume.shape, dtype=np.uint8) if post.cleanup == "components" else None
+    predictor = SlicePredictor(net, theta, (spacing_y, spacing_x), prep, precision, decoder, post)
 
     start, done = time.perf_counter(), 0
     report(0.0, f"segmenting {depth} slices on {device} ({compute})")
@@ -115,7 +121,7 @@ def segment_image(image: sitk.Image, model: LoadedModel, *, device: str = "auto"
         stop = min(depth, done + batch)
         slices = torch.from_numpy(normalize_intensity(volume[done:stop], prep, value_range))
         try:
-            class_index = _predict_batch(net, slices, theta, (spacing_y, spacing_x), prep, device, precision)
+            class_index, probability = predictor(slices, device)
         except torch.cuda.OutOfMemoryError as exc:
             torch.cuda.empty_cache()
             if batch > 1:
@@ -123,35 +129,76 @@ def segment_image(image: sitk.Image, model: LoadedModel, *, device: str = "auto"
                 log.warning("CUDA out of memory: retrying with batch size %d", batch)
             elif device != "cpu":
                 log.warning("CUDA out of memory even for one slice: continuing on the CPU")
-                device, net = "cpu", net.to("cpu")
+                device = "cpu"
+                predictor.to(device)
             else:  # already on the CPU with one slice: retrying would loop forever
                 raise SAMedError("out of memory even for one slice on the CPU") from exc
             continue
         labels[done:stop] = values[class_index.cpu()].numpy().astype(out_dtype)
+        if confidence is not None:
+            confidence[done:stop] = (255 * probability.cpu().numpy()).round().astype(np.uint8)
         done = stop
         elapsed = time.perf_counter() - start
         report(done / depth, f"slice {done}/{depth}, {elapsed / done:.2f} s/slice")
 
-    if largest_component:
-        labels = keep_largest_component(labels, [c.value for c in card.classes])
+    class_values = [c.value for c in card.classes]
+    if post.cleanup == "largest":
+        labels = keep_largest_component(labels, class_values)
+    elif post.cleanup == "components":
+        labels = keep_plausible_components(labels, confidence, class_values, canonical.GetSpacing()[::-1])
     result = sitk.GetImageFromArray(labels)
     result.CopyInformation(canonical)
     result = restore(result)
     result.SetMetaData("SAMed_model", str(model.path.name if model.path else "in-memory"))
-    result.SetMetaData("SAMed_largest_component", "1" if largest_component else "0")
+    result.SetMetaData("SAMed_refinement", post.refinement)
+    result.SetMetaData("SAMed_cleanup", post.cleanup)
+    result.SetMetaData("SAMed_largest_component", "1" if post.cleanup == "largest" else "0")
     return result
 
 
-def _predict_batch(net: torch.nn.Module, slices: torch.Tensor, theta: torch.Tensor, spacing_yx: tuple[float, float],
-                   prep, device: str, precision: str) -> torch.Tensor:
-    """(B,H,W) normalised slices -> (B,H,W) class indices (0 = background), logits resampled before argmax."""
-    height, width = slices.shape[-2:]
-    with torch.inference_mode():
-        # Resampling stays fp32: in bf16 the sampling grid itself would be off by up to a model pixel.
-        inputs = model_input(slices.to(device), theta.to(device), prep, spacing_yx)
-        with autocast(device, precision):
-            logits = net(inputs).float()
-        native, inside = from_model_grid(logits, theta.to(device), (height, width))
-        index = native.argmax(dim=1)
-        index[:, ~inside] = 0  # outside the model's field of view: background
-    return index
+class SlicePredictor:
+    """(B,H,W) normalised native slices -> class indices (B,H,W) and the head's probability of that class.
+
+    Logits are resampled back onto the slice before the argmax. With refinement, the head's coarse masks
+    prompt the base model's decoder on the same embeddings (one encoder pass per slice).
+    """
+
+    def __init__(self, net: torch.nn.Module, theta: torch.Tensor, spacing_yx: tuple[float, float], prep,
+                 precision: str, decoder: PromptDecoder | None, post: Postprocessing):
+        self.net, self.theta, self.spacing_yx, self.prep = net, theta, spacing_yx, prep
+        self.precision, self.decoder, self.post = precision, decoder, post
+
+    def to(self, device: str) -> "SlicePredictor":
+        self.net.to(device)
+        if self.decoder is not None:
+            self.decoder.to(device)
+        return self
+
+    def margin_px(self, width: int, mask_size: int) -> float:
+        # mm per mask pixel: the model grid covers theta_x * (slice width in mm)
+        mm_per_pixel = float(self.theta[0, 0]) * width * self.spacing_yx[1] / mask_size
+        return self.post.box_margin_mm / mm_per_pixel
+
+    def __call__(self, slices: torch.Tensor, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+        height, width = slices.shape[-2:]
+        theta = self.theta.to(device)
+        with torch.inference_mode():
+            # Resampling stays fp32: in bf16 the sampling grid itself would be off by up to a model pixel.
+            inputs = model_input(slices.to(device), theta, self.prep, self.spacing_yx)
+            with autocast(device, self.precision):
+                if self.decoder is None:
+                    logits = self.net(inputs).float()
+                    final = logits
+                else:
+                    embeddings = self.net.image_encoder(inputs)
+                    logits = self.net.head(embeddings).float()
+                    final = refine_logits(logits, embeddings, self.decoder, self.post.refinement,
+                                          self.margin_px(width, logits.shape[-1]))
+            native, inside = from_model_grid(final, theta, (height, width))
+            index = native.argmax(dim=1)
+            index[:, ~inside] = 0  # outside the model's field of view: background
+            probability = torch.zeros(index.shape, device=index.device)
+            if self.post.cleanup == "components":
+                head_native, _ = from_model_grid(logits.softmax(dim=1), theta, (height, width))
+                probability = head_native.gather(1, index.unsqueeze(1))[:, 0]
+        return index, probability

@@ -14,7 +14,7 @@ from .errors import CheckpointError
 from .heads import HEAD_NAMES
 from .model import MODES
 
-__all__ = ["ModelCard", "Preprocessing", "FORMAT_VERSION", "CT_WINDOW"]
+__all__ = ["ModelCard", "Preprocessing", "Postprocessing", "FORMAT_VERSION", "CT_WINDOW", "REFINEMENTS", "CLEANUPS"]
 
 FORMAT_VERSION = 1
 CT_WINDOW = (-125.0, 275.0)  # SAMed's abdominal window (HU)
@@ -52,6 +52,31 @@ class Preprocessing:
             raise ValueError(f"resolution_mm must be positive, got {self.resolution_mm}")
 
 
+REFINEMENTS = ("none", "box", "box+point")
+CLEANUPS = ("none", "components", "largest")
+
+
+@dataclass
+class Postprocessing:
+    """What happens after the prompt-free head, at inference (SAMedLib.refinement, SAMedLib.cleanup)."""
+
+    # Self-prompted refinement: each class's coarse mask on a slice gives a box (+ a point) that prompts the
+    # base model's pretrained decoder, which draws the boundary. Chosen at training time on validation slices.
+    refinement: str = "none"
+    box_margin_mm: float = 8.0  # the head under-segments: a box grown by ~6-13 mm beat a tight one (probe)
+    # 3D clean-up of each class: "components" keeps plausible components (size x confidence, z-continuity),
+    # "largest" keeps only the largest component, "none" keeps everything.
+    cleanup: str = "none"
+
+    def __post_init__(self):
+        if self.refinement not in REFINEMENTS:
+            raise ValueError(f"refinement must be one of {', '.join(REFINEMENTS)}, got '{self.refinement}'")
+        if self.cleanup not in CLEANUPS:
+            raise ValueError(f"cleanup must be one of {', '.join(CLEANUPS)}, got '{self.cleanup}'")
+        if self.box_margin_mm < 0:
+            raise ValueError(f"box_margin_mm must be >= 0, got {self.box_margin_mm}")
+
+
 @dataclass
 class ModelCard:
     base_name: str
@@ -66,6 +91,8 @@ class ModelCard:
     base_file_name: str | None = None
     encoder_config: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
+    # Cards written before post-processing existed read as none/none: inference does what they were tested with.
+    postprocessing: Postprocessing = field(default_factory=Postprocessing)
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
@@ -104,6 +131,7 @@ class ModelCard:
             fields = dict(d)
             fields["classes"] = classes_from_dicts(d["classes"])
             fields["preprocessing"] = Preprocessing(**d["preprocessing"])
+            fields["postprocessing"] = Postprocessing(**d.get("postprocessing", {}))
             return cls(**fields)
         except CheckpointError:
             raise

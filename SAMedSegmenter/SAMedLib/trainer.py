@@ -23,9 +23,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .augmentation import AugmentationConfig, ViewAugmentation, apply_class_offsets, apply_intensity, sample_view
+from .augmentation import AugmentationConfig, ViewAugmentation, apply_class_levels, apply_intensity, sample_view
 from .backbones import build_backbone
-from .checkpoint import save_tensors
+from .checkpoint import load_trainable_tensors, save_tensors
 from .classes import SegmentClass
 from .acceleration import autocast, precision_name, prepare_encoder
 from .embedding_cache import EmbeddingCache
@@ -33,7 +33,9 @@ from .errors import SAMedError
 from .inference import resolve_device
 from .losses import segmentation_loss
 from .model import SAMedModel, build_model, trainable_state_dict
-from .model_card import ModelCard, Preprocessing
+from .model_card import REFINEMENTS, ModelCard, Postprocessing, Preprocessing
+from .prompting import PromptDecoder
+from .refinement import refine_logits
 from .preprocessing import gaussian_blur, model_input, slice_to_model_theta, to_model_grid
 from .schedule import learning_rate
 from .training_data import TrainingVolume, load_training_pair, select_slices
@@ -78,6 +80,8 @@ class TrainConfig:
     seed: int = 1234
     cache_dir: str | None = None
     precision: str = "auto"  # frozen-encoder embeddings: bf16 on CPUs with native bf16, fp16 on CUDA
+    refinement: str = "auto"  # auto: chosen on the validation slices among REFINEMENTS; or one of them
+    cleanup: str = "components"  # 3D clean-up recorded in the card (model_card.CLEANUPS)
     resume: bool = False
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
@@ -118,7 +122,7 @@ def _make_views(volume: TrainingVolume, slices: np.ndarray, views: list[list[Vie
         label = torch.from_numpy(volume.labels[z].astype(np.float32))[None, None]
         for view in slice_views:
             composed = view.compose(theta)
-            shifted = apply_class_offsets(image, label, view)
+            shifted = apply_class_levels(image, label, view)
             x = model_input(shifted[:, 0], composed, prep, volume.spacing_yx)[:, :1]
             x = apply_intensity(gaussian_blur(x, view.blur_sigma, view.blur_sigma), view, noise_std)
             inputs.append(x.expand(-1, 3, -1, -1))
@@ -349,6 +353,9 @@ def _train(config: TrainConfig, progress, progress_json: bool, stop: _StopFlag) 
         # Stopped by SIGINT/SIGTERM/the caller: --resume continues from here, not from the last validation.
         _save_resume(resume_path, model, optimizer, iteration, best_mean, best_dice, best_state)
 
+    if best_state is not None and val_views is not None:
+        load_trainable_tensors(model, best_state, "best validation state")
+    card.postprocessing = _choose_postprocessing(config, model, backbone, val_views, mode, device, target_size, report)
     if best_state is None or val_views is None:  # no validation data: the final weights are the result
         best_state = {k: v.detach().cpu().clone() for k, v in trainable_state_dict(model).items()}
         if rank == 0:
@@ -365,6 +372,41 @@ def _train(config: TrainConfig, progress, progress_json: bool, stop: _StopFlag) 
         dist.barrier()
         dist.destroy_process_group()
     return TrainingResult(Path(config.output), best_dice, best_mean, iteration, seconds, stopped_early)
+
+
+def _choose_postprocessing(config: TrainConfig, model: SAMedModel, backbone, val_views: _Views | None, mode: str,
+                           device: str, target_size: int, report) -> Postprocessing:
+    """The card's post-processing: refinement chosen on the validation slices (mean Dice of each choice,
+    ``none`` unless another is better by at least 0.005); without validation slices ``box``, the choice
+    that won on the self-prompting probe (shared/notes). The 3D clean-up is the configured one."""
+    post = Postprocessing(cleanup=config.cleanup)
+    if config.refinement != "auto":
+        post.refinement = config.refinement
+        return post
+    if val_views is None:
+        post.refinement = "box"
+        return post
+    decoder = PromptDecoder(backbone.prompt_encoder, backbone.mask_decoder).to(device)
+    mm_per_pixel = (config.preprocessing.pixel_spacing_mm * backbone.input_size / target_size
+                    if config.preprocessing.inplane == "spacing" else None)
+    scores = {}
+    with torch.no_grad():
+        for choice in REFINEMENTS:
+            logits = []
+            for i in range(0, len(val_views.inputs), 8):
+                batch = val_views.inputs[i:i + 8].to(device)
+                embeddings = batch if mode == "frozen" else model.image_encoder(batch)
+                head_logits = model.head(embeddings).float()
+                if choice != "none":
+                    margin = post.box_margin_mm / mm_per_pixel if mm_per_pixel else 0.0
+                    head_logits = refine_logits(head_logits, embeddings, decoder, choice, margin)
+                logits.append(head_logits.cpu())
+            dice = _dice_per_class(torch.cat(logits), val_views.targets, len(config.classes))
+            scores[choice] = float(np.nanmean(dice)) if np.isfinite(dice).any() else 0.0
+    best = max(REFINEMENTS, key=lambda c: scores[c] - (0.005 if c != "none" else 0.0))
+    post.refinement = best
+    report({"event": "refinement", "chosen": best, "validation_mean_dice": {k: round(v, 4) for k, v in scores.items()}})
+    return post
 
 
 def _save_resume(path: Path, model: SAMedModel, optimizer, iteration: int, best_mean: float, best_dice: dict,

@@ -1,0 +1,234 @@
+"""Self-prompted refinement, prompts from masks, 3D clean-up and the phase (class level) augmentation."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from torch import nn
+
+from SAMedLib.augmentation import AugmentationConfig, apply_class_levels, sample_view
+from SAMedLib.checkpoint import load_model
+from SAMedLib.cleanup import keep_plausible_components
+from SAMedLib.inference import segment_image
+from SAMedLib.metrics import dice
+from SAMedLib.model_card import Preprocessing
+from SAMedLib.preprocessing import slice_to_model_theta, to_model_grid
+from SAMedLib.prompting import clean_mask, mask_prompt, native_to_model_xy
+from SAMedLib.selftest import untrained_checkpoint
+from SAMedLib.volume_io import read_volume, resample_to_reference, to_canonical
+
+LIVER, AORTA = 5, 52
+
+
+# --------------------------------------------------------------------------- prompts from masks
+
+
+def test_empty_mask_gives_no_prompt():
+    assert mask_prompt(np.zeros((64, 64), bool), scale=1.0) is None
+
+
+def test_tiny_islands_are_ignored_by_the_box():
+    mask = np.zeros((64, 64), bool)
+    mask[20:40, 10:30] = True  # the organ
+    mask[60, 60] = True  # a one-pixel island far away
+    prompt = mask_prompt(mask, scale=1.0)
+    assert prompt.box == (10.0, 20.0, 29.0, 39.0)
+    only_islands = np.zeros((64, 64), bool)
+    only_islands[5, 5] = only_islands[50, 50] = True
+    assert mask_prompt(only_islands, scale=1.0) is None  # below min_pixels: nothing to prompt with
+    assert not clean_mask(only_islands).any()
+
+
+def test_box_margin_scale_and_point():
+    mask = np.zeros((64, 64), bool)
+    mask[20:40, 10:30] = True
+    prompt = mask_prompt(mask, scale=4.0, margin=3, with_point=True)
+    assert prompt.box == (7 * 4.0, 17 * 4.0, 32 * 4.0, 42 * 4.0)  # grown by 3 mask pixels, in input pixels
+    x, y = prompt.point
+    assert 18 * 4 <= x <= 21 * 4 and 28 * 4 <= y <= 31 * 4  # distance-transform maximum: the centre
+    edge = np.zeros((64, 64), bool)
+    edge[0:10, 0:10] = True
+    assert mask_prompt(edge, scale=1.0, margin=5).box[:2] == (0.0, 0.0)  # clipped to the grid
+
+
+def test_native_to_model_xy_inverts_the_slice_affine():
+    theta = slice_to_model_theta((100, 120), (2.0, 1.5), Preprocessing())
+    centre = native_to_model_xy(np.array([[59.5, 49.5]]), theta, (100, 120), 256)
+    assert np.allclose(centre, [[127.5, 127.5]])  # slice centre -> grid centre
+    # 10 native pixels of 1.5 mm = 15 mm = 9.375 model pixels of 1.6 mm
+    step = native_to_model_xy(np.array([[69.5, 49.5]]), theta, (100, 120), 256) - centre
+    assert np.allclose(step, [[15 / 1.6, 0.0]])
+
+
+# --------------------------------------------------------------------------- refinement on a real CT slice
+
+
+class FixedHead(nn.Module):
+    """A deliberately coarse head: the same given logits for every slice (tests use two adjacent slices)."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(embeddings.shape[0], -1, -1, -1).to(embeddings.device)
+
+
+class CountingEncoder(nn.Module):
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.slices = 0
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.slices += images.shape[0]
+        return self.encoder(images)
+
+
+@pytest.fixture(scope="module")
+def dicom_slab(shared_data):
+    """Three middle slices of the ct_dicom series and the reference liver + aorta on them."""
+    image = read_volume(shared_data / "ct_dicom")[:, :, 9:12]
+    reference = resample_to_reference(read_volume(shared_data / "ct_dicom_labels.nii.gz", allow_constant=True), image)
+    reference = sitk.Mask(reference, sitk.Cast((reference == LIVER) | (reference == AORTA), reference.GetPixelID()))
+    return image, reference
+
+
+@pytest.fixture(scope="module")
+def coarse_model(tmp_path_factory, dicom_slab):
+    """An untrained LiteMedSAM checkpoint whose head outputs the reference in 8-pixel blocks (12.8 mm)."""
+    image, reference = dicom_slab
+    loaded = load_model(untrained_checkpoint(tmp_path_factory.mktemp("coarse") / "m.safetensors",
+                                             f"{LIVER}:liver,{AORTA}:aorta"))
+    canonical, _ = to_canonical(reference[:, :, 1:2])
+    labels = torch.from_numpy(sitk.GetArrayFromImage(canonical)[0].astype(np.float32))[None, None]
+    spacing_x, spacing_y = canonical.GetSpacing()[:2]
+    theta = slice_to_model_theta(labels.shape[-2:], (spacing_y, spacing_x), loaded.card.preprocessing)
+    on_grid = to_model_grid(labels, theta, 256, mode="nearest")[0, 0]
+    logits = torch.zeros(1, 3, 256, 256)
+    for channel, value in ((1, LIVER), (2, AORTA)):
+        blocky = nn.functional.max_pool2d((on_grid == value).float()[None, None], 8)
+        logits[0, channel] = 4 * nn.functional.interpolate(blocky, scale_factor=8)[0, 0] - 2
+    loaded.model.head = FixedHead(logits)
+    return loaded
+
+
+def _dice(pred: sitk.Image, reference: sitk.Image, value: int) -> float:
+    return dice(sitk.GetArrayFromImage(pred) == value, sitk.GetArrayFromImage(reference) == value)
+
+
+def test_refinement_sharpens_a_coarse_head_on_real_ct(dicom_slab, coarse_model):
+    image, reference = dicom_slab
+    one_slice, one_reference = image[:, :, 1:3], reference[:, :, 1:3]  # two adjacent slices, 2 mm apart
+    coarse = segment_image(one_slice, coarse_model, device="cpu", refinement="none", cleanup="none")
+    refined = segment_image(one_slice, coarse_model, device="cpu", refinement="box", cleanup="none")
+    for value in (LIVER, AORTA):
+        before, after = _dice(coarse, one_reference, value), _dice(refined, one_reference, value)
+        assert after > before + 0.05, (value, before, after)
+        assert after > 0.85, (value, after)
+    assert refined.GetMetaData("SAMed_refinement") == "box"
+
+
+def test_refinement_reuses_the_embedding_one_encoder_pass_per_slice(dicom_slab, coarse_model):
+    image, _ = dicom_slab
+    counter = CountingEncoder(coarse_model.model.image_encoder)
+    original = coarse_model.model.image_encoder
+    coarse_model.model.image_encoder = counter
+    try:
+        segment_image(image, coarse_model, device="cpu", refinement="box", cleanup="none", batch_size=1)
+    finally:
+        coarse_model.model.image_encoder = original
+    assert counter.slices == image.GetSize()[2] == 3
+
+
+def test_refined_output_keeps_geometry_and_label_values(dicom_slab, coarse_model):
+    image, reference = dicom_slab
+    one_slice, one_reference = image[:, :, 1:3], reference[:, :, 1:3]  # two adjacent slices, 2 mm apart
+    # The same physical image stored with flipped x and y axes (direction diag(-1,-1,1)).
+    flipped = sitk.Flip(one_slice, [True, True, False])
+    assert flipped.GetDirection() != one_slice.GetDirection()
+    out = segment_image(flipped, coarse_model, device="cpu", refinement="box", cleanup="none")
+    for attribute in ("GetSize", "GetSpacing", "GetOrigin", "GetDirection"):
+        assert getattr(out, attribute)() == getattr(flipped, attribute)()
+    assert set(np.unique(sitk.GetArrayFromImage(out))) <= {0, LIVER, AORTA}
+    plain = segment_image(one_slice, coarse_model, device="cpu", refinement="box", cleanup="none")
+    back = resample_to_reference(out, one_slice)
+    assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(plain))
+    assert _dice(out, resample_to_reference(one_reference, flipped), LIVER) > 0.85
+
+
+# --------------------------------------------------------------------------- 3D clean-up
+
+
+def test_cleanup_keeps_two_plausible_components_and_drops_a_stray_island():
+    labels = np.zeros((20, 40, 40), np.uint8)
+    labels[2:9, 5:20, 5:20] = 6  # stomach, part one
+    labels[12:18, 22:35, 22:35] = 6  # part two, separate but as large and as confident
+    labels[19, 0:3, 37:40] = 6  # a small stray island
+    confidence = np.full(labels.shape, 230, np.uint8)
+    confidence[19] = 120  # the island is also unconfident
+    out = keep_plausible_components(labels, confidence, [6], (3.0, 1.0, 1.0))
+    assert (out[2:9, 5:20, 5:20] == 6).all() and (out[12:18, 22:35, 22:35] == 6).all()
+    assert not (out[19] == 6).any()
+    # Keeping the largest only would have deleted the second true part.
+    from SAMedLib.cleanup import keep_largest_component
+
+    assert not (keep_largest_component(labels, [6])[12:18, 22:35, 22:35] == 6).any()
+
+
+def test_cleanup_drops_a_large_but_unconfident_component():
+    labels = np.zeros((10, 30, 30), np.uint8)
+    labels[0:4, 0:10, 0:10] = 1
+    labels[6:10, 15:30, 15:30] = 1  # larger, but the head barely believed it
+    confidence = np.full(labels.shape, 240, np.uint8)
+    confidence[6:10] = 100
+    out = keep_plausible_components(labels, confidence, [1], (2.0, 1.0, 1.0))
+    assert (out[0:4, 0:10, 0:10] == 1).all() and not (out[6:10] == 1).any()
+
+
+# --------------------------------------------------------------------------- phase augmentation
+
+
+def test_class_levels_shift_a_real_aorta_both_ways(shared_data):
+    """Drawn levels move the real non-contrast aorta of ct_3mm both darker and brighter, up to saturation."""
+    from SAMedLib.preprocessing import normalize_intensity
+
+    image = read_volume(shared_data / "ct_3mm.nii.gz")
+    labels = resample_to_reference(read_volume(shared_data / "ct_3mm_labels.nii.gz", allow_constant=True), image)
+    array = normalize_intensity(sitk.GetArrayFromImage(image), Preprocessing())
+    z = int(np.argmax((sitk.GetArrayFromImage(labels) == AORTA).sum(axis=(1, 2))))
+    slice_image = torch.from_numpy(array[z])[None, None]
+    slice_labels = torch.from_numpy((sitk.GetArrayFromImage(labels)[z] == AORTA).astype(np.float32))[None, None]
+    aorta = slice_labels.bool()
+    before = float(slice_image[aorta].mean())
+    rng = np.random.default_rng(0)
+    shifts_hu = []
+    for _ in range(200):
+        view = sample_view(rng, AugmentationConfig(), 1)
+        after = apply_class_levels(slice_image, slice_labels, view)
+        assert torch.equal(after[~aorta], slice_image[~aorta])  # other tissue untouched
+        shifts_hu.append(400.0 * (float(after[aorta].mean()) - before))
+    assert min(shifts_hu) < -10 and max(shifts_hu) > 180  # darker and much brighter (arterial, saturating)
+    assert sum(s < 0 for s in shifts_hu) > 5 and sum(s > 100 for s in shifts_hu) > 50
+
+
+def test_absent_organ_views_appear_in_the_training_pool(shared_data):
+    """Every slice of ct_dicom shows all four organs; the default views still include some without each."""
+    from SAMedLib.classes import parse_class_list
+    from SAMedLib.trainer import _make_views
+    from SAMedLib.training_data import load_training_pair
+    from SAMedLib.augmentation import ViewAugmentation
+
+    classes = parse_class_list("1:spleen,5:liver,6:stomach,52:aorta")
+    prep = Preprocessing()
+    volume = load_training_pair(shared_data / "ct_dicom", shared_data / "ct_dicom_labels.nii.gz", classes, prep)
+    rng = np.random.default_rng(1)
+    plan = [ViewAugmentation.identity()] + [sample_view(rng, AugmentationConfig(), 4) for _ in range(60)]
+    made = _make_views(volume, np.array([10]), [plan], prep, 64, noise_std=0.0)
+    present = np.array([[bool((target == c).any()) for c in range(1, 5)] for target in made.targets])
+    assert present[0].all()  # the plain view shows every organ
+    assert (~present[1:, [0, 2, 3]]).any(axis=0).all()  # spleen, stomach and aorta are each absent from some views
+    assert (~present[1:]).any(axis=1).sum() >= 4  # several views lack an organ
+    liver_area = np.array([int((target == 2).sum()) for target in made.targets])
+    assert liver_area[1:].min() < 0.5 * liver_area[0]  # the big liver is at least pushed half out of view

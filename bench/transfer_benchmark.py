@@ -1,0 +1,310 @@
+"""Transfer benchmark: one labeled volume, any next scan.
+
+Every case trains with the CPU defaults of ``samed train`` (no per-case settings) and segments another scan:
+
+- ``forward``: train on ct_3mm (3 mm, non-contrast), segment the ct_dicom series (0.98 mm, contrast, 20 slices);
+- ``reverse``: train on the ct_dicom series (20 slices, all organs on every slice), segment **all** 112 slices of
+  ct_3mm (chest to pelvis: most of them lie outside anything the model was trained on);
+- ``sparse-N``: forward with only N labeled slices of ct_3mm (5, 10, 20);
+- ``phase-aorta+150``: the forward models on ct_dicom with the aorta re-rendered 150 HU brighter (arterial
+  phase; 300 HU, above the top of the window) and ``phase-liver-spleen-60`` with liver and spleen 60 HU darker
+  (non-contrast parenchyma). The shift is applied to the test image's voxels under the reference mask with a
+  feathered border: the mask is blurred with a Gaussian of sigma 1.5 mm (physical units) and the image gets
+  ``delta_HU x blurred mask``, so the organ's edge ramps over ~3 mm as a real enhancement does.
+
+Each case runs with several training seeds; Dice and HD95 (mm) per organ as mean +- std over the seeds, training
+and inference seconds, and the false-positive voxels on slices where the reference has none of the organ
+(``fp_outside``: predictions beyond the organ's extent). Each model is scored with its card's post-processing
+("on": self-prompted refinement + 3D clean-up as recorded) and without ("off": the head alone). The headline
+is the worst case.
+
+Side by side in the same run: the prompted upper bound (pretrained LiteMedSAM, the reference box on every slice),
+LoRA mode (SAMed proper, one seed, forward and reverse) and a from-scratch 2D U-Net with the same preprocessing,
+augmentation, loss and wall-clock budget (``bench/unet_baseline.py``).
+
+Selection protocol: recipe choices are made on the **selection run** — the forward case with training seed 0,
+which is not one of the scored seeds — and on the training volume's own validation slices (the refinement
+choice, made by ``samed train`` itself). They are then confirmed on everything else: the scored seeds of every
+case, the reverse direction, the phase shifts and the sparse cases, none of which was looked at while choosing.
+``bench/results/transfer.md`` says which runs chose what.
+
+Usage: ``python bench/transfer_benchmark.py [--seeds 1234,7,42] [--cases forward,reverse,...] [--reuse]``
+(``--reuse`` keeps models already trained in --out, so a cut-short run can be continued).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from SAMedLib.acceleration import cpu_has_native_bf16
+from SAMedLib.checkpoint import load_model
+from SAMedLib.classes import parse_class_list
+from SAMedLib.cli import main as samed
+from SAMedLib.inference import segment_image
+from SAMedLib.metrics import score_label_maps
+from SAMedLib.volume_io import read_volume, resample_to_reference
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "abdomen-ct"
+RESULTS = Path(__file__).resolve().parent / "results"
+CLASSES = "1:spleen,5:liver,6:stomach,52:aorta"
+ORGANS = ("spleen", "liver", "stomach", "aorta")
+SCANS = {"ct_3mm": ("ct_3mm.nii.gz", "ct_3mm_labels.nii.gz"), "ct_dicom": ("ct_dicom", "ct_dicom_labels.nii.gz")}
+# case -> (training scan, extra training options, test scan, phase shift {organ value: delta HU})
+CASES = {
+    "forward": ("ct_3mm", [], "ct_dicom", {}),
+    "reverse": ("ct_dicom", [], "ct_3mm", {}),
+    "sparse-5": ("ct_3mm", ["--max-labeled-slices", "5"], "ct_dicom", {}),
+    "sparse-10": ("ct_3mm", ["--max-labeled-slices", "10"], "ct_dicom", {}),
+    "sparse-20": ("ct_3mm", ["--max-labeled-slices", "20"], "ct_dicom", {}),
+    "phase-aorta+150": ("ct_3mm", [], "ct_dicom", {52: 150.0}),
+    "phase-liver-spleen-60": ("ct_3mm", [], "ct_dicom", {1: -60.0, 5: -60.0}),
+}
+FEATHER_SIGMA_MM = 1.5
+
+
+def load_scan(name: str) -> tuple[sitk.Image, sitk.Image]:
+    image_file, labels_file = SCANS[name]
+    image = read_volume(DATA / image_file)
+    reference = resample_to_reference(read_volume(DATA / labels_file, allow_constant=True), image)
+    return image, reference
+
+
+def phase_shift(image: sitk.Image, reference: sitk.Image, shifts: dict[int, float]) -> sitk.Image:
+    """The image with each organ's voxels shifted by its delta (HU), feathered over the border (module doc)."""
+    out = sitk.Cast(image, sitk.sitkFloat32)
+    for value, delta in shifts.items():
+        mask = sitk.Cast(reference == value, sitk.sitkFloat32)
+        weight = sitk.SmoothingRecursiveGaussian(mask, FEATHER_SIGMA_MM)  # sigma in physical units (mm)
+        out = out + weight * float(delta)
+    shifted = sitk.Cast(sitk.Round(out), image.GetPixelID())
+    shifted.CopyInformation(image)
+    return shifted
+
+
+def score(pred: sitk.Image, reference: sitk.Image, classes) -> dict:
+    pred_array, ref_array = sitk.GetArrayFromImage(pred), sitk.GetArrayFromImage(reference)
+    scores = score_label_maps(pred_array, ref_array, classes, tuple(reversed(pred.GetSpacing())))
+    z_axis = int(np.argmax(np.abs(np.array(pred.GetDirection()).reshape(3, 3)[2])))  # the SI axis, numpy order
+    axis = 2 - z_axis
+    for c in classes:
+        present = np.moveaxis(ref_array == c.value, axis, 0).reshape(ref_array.shape[axis], -1).any(1)
+        predicted = np.moveaxis(pred_array == c.value, axis, 0)
+        scores["classes"][c.name]["fp_outside"] = int(predicted[~present].sum())
+    return scores
+
+
+def train(out: Path, case: str, seed: int, extra: list[str], reuse: bool) -> tuple[Path, float | None]:
+    scan, case_extra, _, _ = CASES[case]
+    tag = "_".join([scan, *[e.strip("-") for e in case_extra + extra], f"seed{seed}"])
+    model = out / f"{tag}.safetensors"
+    if reuse and model.exists():
+        return model, json.loads((out / f"{tag}.json").read_text())["seconds"] if (out / f"{tag}.json").exists() else None
+    image_file, labels_file = SCANS[scan]
+    start = time.perf_counter()
+    code = samed(["train", "--image", str(DATA / image_file), "--labels", str(DATA / labels_file),
+                  "--classes", CLASSES, "--output", str(model), "--seed", str(seed), "--progress-json",
+                  *case_extra, *extra])
+    if code != 0:
+        raise SystemExit(f"training failed ({code}): {case} seed {seed}")
+    seconds = time.perf_counter() - start
+    (out / f"{tag}.json").write_text(json.dumps({"seconds": seconds}))
+    return model, seconds
+
+
+def segment_and_score(model_path: Path, image: sitk.Image, reference: sitk.Image, classes,
+                      post: str) -> tuple[dict, float]:
+    """post: "on" = the card's refinement and clean-up, "off" = the prompt-free head alone."""
+    model = load_model(model_path)
+    options = {} if post == "on" else {"refinement": "none", "cleanup": "none"}
+    start = time.perf_counter()
+    pred = segment_image(image, model, device="cpu", **options)
+    return score(pred, reference, classes), time.perf_counter() - start
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Per organ and post-processing: mean and std of Dice / HD95 / fp_outside over the seeds."""
+    out = {}
+    for post in ("on", "off"):
+        rows = [r[post] for r in runs if post in r]
+        if not rows:
+            continue
+        organs = {}
+        for organ in ORGANS:
+            entry = {}
+            for metric in ("dice", "hd95_mm", "fp_outside"):
+                values = np.array([row["scores"]["classes"][organ][metric] for row in rows], float)
+                entry[metric] = [round(float(np.nanmean(values)), 4), round(float(np.nanstd(values)), 4)]
+            organs[organ] = entry
+        means = np.array([np.mean([row["scores"]["classes"][o]["dice"] for o in ORGANS]) for row in rows])
+        out[post] = {"organs": organs, "mean_dice": [round(float(means.mean()), 4), round(float(means.std()), 4)],
+                     "worst_seed_mean_dice": round(float(means.min()), 4),
+                     "inference_seconds": round(float(np.mean([row["seconds"] for row in rows])), 1)}
+    train_seconds = [r["train_seconds"] for r in runs if r.get("train_seconds")]
+    out["train_seconds"] = round(float(np.mean(train_seconds)), 1) if train_seconds else None
+    out["seeds"] = [r["seed"] for r in runs]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=REPO / "out" / "transfer")
+    parser.add_argument("--seeds", default="1234,7,42")
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--extra", default="", help="extra `samed train` options for every case (selection runs)")
+    parser.add_argument("--tag", default="transfer", help="results file name (bench/results/TAG.{json,md})")
+    parser.add_argument("--baselines", default="upper_bound,unet,lora", help="comma list, or empty")
+    parser.add_argument("--lora-iterations", type=int, default=None, help="LoRA run's iterations (default: CPU default)")
+    parser.add_argument("--reuse", action="store_true", help="keep models already trained in --out")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    classes = parse_class_list(CLASSES)
+    extra = args.extra.split()
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    scans = {name: load_scan(name) for name in SCANS}
+    results_path = RESULTS / f"{args.tag}.json"
+    results: dict = json.loads(results_path.read_text()) if args.reuse and results_path.exists() else {}
+    results["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "gpu": None,
+                          "torch": torch.__version__, "bf16_native": cpu_has_native_bf16(),
+                          "load_average_at_start": os.getloadavg()}
+    results["protocol"] = {"seeds": seeds, "selection_run": "forward, training seed 0 (not scored)",
+                           "extra_train_options": extra, "feather_sigma_mm": FEATHER_SIGMA_MM}
+    results.setdefault("cases", {})
+
+    def save() -> None:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        results["machine"]["load_average_at_end"] = os.getloadavg()
+        results_path.write_text(json.dumps(results, indent=1, default=lambda v: None))
+        (RESULTS / f"{args.tag}.md").write_text(render(results))
+
+    for case in [c for c in args.cases.split(",") if c]:
+        _, _, test_scan, shifts = CASES[case]
+        image, reference = scans[test_scan]
+        if shifts:
+            image = phase_shift(image, reference, shifts)
+        runs = []
+        for seed in seeds:
+            model, train_seconds = train(args.out, case, seed, extra, reuse=True if shifts else args.reuse)
+            run = {"seed": seed, "train_seconds": round(train_seconds, 1) if train_seconds else None,
+                   "model": model.name}
+            for post in ("on", "off"):
+                scores, seconds = segment_and_score(model, image, reference, classes, post)
+                run[post] = {"scores": scores, "seconds": round(seconds, 1),
+                             "mean_dice": round(float(np.mean([scores["classes"][o]["dice"] for o in ORGANS])), 4)}
+            run["card_postprocessing"] = load_model(model).card.postprocessing.__dict__
+            runs.append(run)
+            print(json.dumps({"case": case, "seed": seed, "on": run["on"]["mean_dice"], "off": run["off"]["mean_dice"],
+                              "train_s": run["train_seconds"]}), flush=True)
+            results["cases"][case] = {"runs": runs, "summary": summarise(runs)}
+            save()
+
+    baselines = [b for b in args.baselines.split(",") if b]
+    if "upper_bound" in baselines:
+        from one_volume_benchmark import prompted_upper_bound
+
+        results["prompted_upper_bound"] = {}
+        for case in ("forward", "reverse"):
+            _, _, test_scan, _ = CASES[case]
+            image, reference = scans[test_scan]
+            bound = prompted_upper_bound(image, read_volume(DATA / SCANS[test_scan][1], allow_constant=True), classes)
+            results["prompted_upper_bound"][case] = {o: round(bound["classes"][o]["dice"], 4) for o in ORGANS}
+        save()
+    if "lora" in baselines:
+        results["lora"] = {}
+        lora_extra = ["--mode", "lora"] + (["--iterations", str(args.lora_iterations)] if args.lora_iterations else [])
+        for case in ("forward", "reverse"):
+            _, _, test_scan, _ = CASES[case]
+            image, reference = scans[test_scan]
+            model, seconds = train(args.out, case, seeds[0], lora_extra + extra, reuse=args.reuse)
+            scores, infer = segment_and_score(model, image, reference, classes, "on")
+            results["lora"][case] = {"seed": seeds[0], "options": lora_extra, "train_seconds": round(seconds or 0, 1),
+                                     "inference_seconds": round(infer, 1),
+                                     "dice": {o: round(scores["classes"][o]["dice"], 4) for o in ORGANS},
+                                     "mean_dice": round(float(np.mean([scores["classes"][o]["dice"] for o in ORGANS])), 4)}
+            save()
+    if "unet" in baselines:
+        from unet_baseline import train_and_segment
+
+        results["unet"] = {}
+        budget = results["cases"].get("forward", {}).get("summary", {}).get("train_seconds") or 300.0
+        for case in ("forward", "reverse"):
+            train_scan, _, test_scan, _ = CASES[case]
+            image, reference = scans[test_scan]
+            pred, seconds = train_and_segment(scans[train_scan], classes, image, budget_seconds=budget, seed=seeds[0])
+            scores = score(pred, reference, classes)
+            results["unet"][case] = {"seed": seeds[0], "train_seconds": round(seconds, 1),
+                                     "dice": {o: round(scores["classes"][o]["dice"], 4) for o in ORGANS},
+                                     "mean_dice": round(float(np.mean([scores["classes"][o]["dice"] for o in ORGANS])), 4)}
+            save()
+    save()
+    print(render(results))
+
+
+def fmt(pair, digits: int = 3) -> str:
+    mean, std = pair
+    return "n/a" if mean is None or np.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def render(results: dict) -> str:
+    machine = results["machine"]
+    lines = ["# Transfer benchmark: one labeled volume, the next scan", "",
+             f"Machine: {machine['cores']}-core x86_64 VM ({machine['cpu']}; bf16 native: {machine['bf16_native']}), "
+             f"no GPU, torch {machine['torch']}; load average at start {machine['load_average_at_start']}, at end "
+             f"{machine.get('load_average_at_end')}. `samed train` CPU defaults, no per-case settings. "
+             "Written by `bench/transfer_benchmark.py` (protocol in its docstring).", "",
+             f"Selection: {results['protocol']['selection_run']}; seeds scored here: {results['protocol']['seeds']}.", ""]
+    cases = results.get("cases", {})
+    if cases:
+        worst = min(((c, v["summary"]["on"]["worst_seed_mean_dice"]) for c, v in cases.items() if "on" in v["summary"]),
+                    key=lambda x: x[1])
+        lines += [f"**Headline (worst case, worst seed): {worst[0]} {worst[1]:.3f} mean Dice**", "",
+                  "| case | post-processing | mean Dice (mean ± std over seeds) | worst seed | "
+                  + " | ".join(ORGANS) + " | train s | infer s |", "|---|---|---|---|" + "---|" * len(ORGANS) + "---|---|"]
+        for case, value in cases.items():
+            summary = value["summary"]
+            for post in ("on", "off"):
+                if post not in summary:
+                    continue
+                s = summary[post]
+                lines.append(f"| {case} | {post} | {fmt(s['mean_dice'])} | {s['worst_seed_mean_dice']:.3f} | "
+                             + " | ".join(fmt(s["organs"][o]["dice"]) for o in ORGANS)
+                             + f" | {summary['train_seconds']} | {s['inference_seconds']} |")
+        lines += ["", "HD95 (mm) and false-positive voxels on slices without the organ (`fp_outside`), post-processing on:",
+                  "", "| case | " + " | ".join(f"{o} HD95 | {o} fp_outside" for o in ORGANS) + " |",
+                  "|---|" + "---|---|" * len(ORGANS)]
+        for case, value in cases.items():
+            if "on" in value["summary"]:
+                organs = value["summary"]["on"]["organs"]
+                lines.append(f"| {case} | " + " | ".join(f"{fmt(organs[o]['hd95_mm'], 1)} | {organs[o]['fp_outside'][0]:.0f}"
+                                                         for o in ORGANS) + " |")
+        lines += ["", "Post-processing recorded in each model card (chosen by `samed train` on its validation slices):", ""]
+        for case, value in cases.items():
+            cards = {json.dumps(r.get("card_postprocessing"), sort_keys=True) for r in value["runs"]}
+            lines.append(f"- {case}: " + "; ".join(sorted(cards)))
+    for name, title in (("prompted_upper_bound", "Prompted upper bound (reference box on every slice)"),):
+        if results.get(name):
+            lines += ["", f"## {title}", "", "| case | " + " | ".join(ORGANS) + " | mean |", "|---|" + "---|" * (len(ORGANS) + 1)]
+            for case, dice in results[name].items():
+                lines.append(f"| {case} | " + " | ".join(f"{dice[o]:.3f}" for o in ORGANS)
+                             + f" | {np.mean([dice[o] for o in ORGANS]):.3f} |")
+    for name, title in (("lora", "LoRA mode (SAMed proper), one seed"),
+                        ("unet", "From-scratch 2D U-Net, same preprocessing/augmentation/loss/time budget, one seed")):
+        if results.get(name):
+            lines += ["", f"## {title}", "", "| case | " + " | ".join(ORGANS) + " | mean | train s |",
+                      "|---|" + "---|" * (len(ORGANS) + 2)]
+            for case, row in results[name].items():
+                lines.append(f"| {case} | " + " | ".join(f"{row['dice'][o]:.3f}" for o in ORGANS)
+                             + f" | {row['mean_dice']:.3f} | {row['train_seconds']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
