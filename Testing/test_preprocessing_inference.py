@@ -334,11 +334,11 @@ def test_cancellation_stops_between_batches():
 
 
 class _Interrupt:
-    """Replaces _predict_batch: the first batch works, the second raises ``error``."""
+    """Replaces SlicePredictor.__call__: the first batch works, the second raises ``error``."""
 
     def __init__(self, error: BaseException):
         self.error, self.calls = error, 0
-        self.real = inference_module._predict_batch
+        self.real = inference_module.SlicePredictor.__call__
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
@@ -352,7 +352,7 @@ class _Interrupt:
 def test_cli_writes_nothing_when_cancelled_or_failed(error, code, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(checkpoint_module, "load_model", lambda *a, **k: threshold_model())
     interrupt = _Interrupt(error)
-    monkeypatch.setattr(inference_module, "_predict_batch", interrupt)
+    monkeypatch.setattr(inference_module.SlicePredictor, "__call__", lambda *a, **k: interrupt(*a, **k))
     input_path = tmp_path / "scan.nii.gz"
     sitk.WriteImage(image_from(phantom()), str(input_path))
     output, seg = tmp_path / "out" / "labels.nii.gz", tmp_path / "out" / "labels.seg.nrrd"
@@ -367,7 +367,8 @@ def test_cli_writes_nothing_when_cancelled_or_failed(error, code, tmp_path, monk
 
 def test_cli_ctrl_c_leaves_no_output(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint_module, "load_model", lambda *a, **k: threshold_model())
-    monkeypatch.setattr(inference_module, "_predict_batch", _Interrupt(KeyboardInterrupt()))
+    interrupt = _Interrupt(KeyboardInterrupt())
+    monkeypatch.setattr(inference_module.SlicePredictor, "__call__", lambda *a, **k: interrupt(*a, **k))
     input_path = tmp_path / "scan.nii.gz"
     sitk.WriteImage(image_from(phantom()), str(input_path))
     with pytest.raises(KeyboardInterrupt):

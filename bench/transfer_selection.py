@@ -1,0 +1,107 @@
+"""Selection runs for the transfer recipe: choices made here are then confirmed by bench/transfer_benchmark.py.
+
+Two splits, neither of which is a scored case of the transfer benchmark:
+- ``forward-seed0``: train on ct_3mm with training seed 0 (the benchmark scores seeds 1234, 7, 42), segment
+  ct_dicom;
+- ``slab``: train on a 42 mm slab of ct_3mm (slices 90-103: all four organs on every slice, like the ct_dicom
+  series) and segment the **whole** ct_3mm volume: how much does the model predict on the 98 slices beyond its
+  training coverage? This imitates the reverse case inside the training volume, without touching the reverse test.
+
+Every model is scored with each post-processing combination (refinement none/box/box+point x clean-up
+none/components/largest). Usage: ``python bench/transfer_selection.py --head samed --head cnn``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from SAMedLib.checkpoint import load_model
+from SAMedLib.classes import parse_class_list
+from SAMedLib.cli import main as samed
+from SAMedLib.inference import segment_image
+from SAMedLib.model_card import CLEANUPS, REFINEMENTS
+from SAMedLib.volume_io import read_volume
+
+from transfer_benchmark import CLASSES, DATA, ORGANS, RESULTS, load_scan, score
+
+SLAB = slice(90, 104)
+
+
+def slab_files(folder: Path) -> tuple[Path, Path]:
+    image, labels = folder / "slab.nii.gz", folder / "slab_labels.nii.gz"
+    if not image.exists():
+        sitk.WriteImage(read_volume(DATA / "ct_3mm.nii.gz")[:, :, SLAB], str(image))
+        sitk.WriteImage(read_volume(DATA / "ct_3mm_labels.nii.gz", allow_constant=True)[:, :, SLAB], str(labels))
+    return image, labels
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "out" / "selection")
+    parser.add_argument("--head", action="append", default=None)
+    parser.add_argument("--splits", default="forward-seed0,slab")
+    parser.add_argument("--extra", default="", help="extra `samed train` options")
+    parser.add_argument("--tag", default="transfer_selection")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    classes = parse_class_list(CLASSES)
+    path = RESULTS / f"{args.tag}.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results.setdefault("runs", [])
+    slab_image, slab_labels = slab_files(args.out)
+    training = {"forward-seed0": (DATA / "ct_3mm.nii.gz", DATA / "ct_3mm_labels.nii.gz", "ct_dicom"),
+                "slab": (slab_image, slab_labels, "ct_3mm")}
+    for head in args.head or ["samed"]:
+        for split in args.splits.split(","):
+            image_path, labels_path, test = training[split]
+            model = args.out / f"{split}_{head}{'_'.join([''] + [e.strip('-') for e in args.extra.split()])}.safetensors"
+            start = time.perf_counter()
+            if not model.exists():
+                code = samed(["train", "--image", str(image_path), "--labels", str(labels_path), "--classes", CLASSES,
+                              "--output", str(model), "--seed", "0", "--head", head, "--progress-json",
+                              *args.extra.split()])
+                if code:
+                    raise SystemExit(code)
+            seconds = time.perf_counter() - start
+            image, reference = load_scan(test)
+            loaded = load_model(model)
+            scores = {}
+            for refinement in REFINEMENTS:
+                for cleanup in CLEANUPS:
+                    t = time.perf_counter()
+                    pred = segment_image(image, loaded, device="cpu", refinement=refinement, cleanup=cleanup)
+                    s = score(pred, reference, classes)
+                    scores[f"{refinement}/{cleanup}"] = {
+                        "mean_dice": round(float(np.mean([s["classes"][o]["dice"] for o in ORGANS])), 4),
+                        "dice": {o: round(s["classes"][o]["dice"], 4) for o in ORGANS},
+                        "fp_outside": {o: s["classes"][o]["fp_outside"] for o in ORGANS},
+                        "seconds": round(time.perf_counter() - t, 1)}
+                    print(split, head, refinement, cleanup, json.dumps(scores[f"{refinement}/{cleanup}"]), flush=True)
+            results["runs"].append({"split": split, "head": head, "extra": args.extra, "train_seconds": round(seconds, 1),
+                                    "card": loaded.card.postprocessing.__dict__, "scores": scores,
+                                    "load_average": os.getloadavg()})
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(results, indent=1))
+            (RESULTS / f"{args.tag}.md").write_text(render(results))
+
+
+def render(results: dict) -> str:
+    lines = ["# Transfer recipe selection runs (not scored cases; see bench/transfer_selection.py)", "",
+             "| split | head | extra | refinement/clean-up | mean Dice | " + " | ".join(ORGANS)
+             + " | fp voxels outside (sum) |", "|---|---|---|---|---|" + "---|" * len(ORGANS) + "---|"]
+    for run in results["runs"]:
+        for key, s in run["scores"].items():
+            lines.append(f"| {run['split']} | {run['head']} | {run['extra'] or '-'} | {key} | {s['mean_dice']:.3f} | "
+                         + " | ".join(f"{s['dice'][o]:.3f}" for o in ORGANS)
+                         + f" | {sum(s['fp_outside'].values())} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
