@@ -1,4 +1,4 @@
-"""The training child process: JSON progress lines in, clean stop (SIGTERM / CTRL_BREAK) or kill out.
+"""The training process tree: JSON progress lines in, clean stop (SIGTERM / CTRL_BREAK) or kill out.
 
 No Qt, no MRML: reader threads collect stdout/stderr lines into a queue that the caller drains
 on its own (main) thread.
@@ -14,6 +14,8 @@ import subprocess
 import threading
 from collections.abc import Sequence
 from typing import Any
+
+import psutil
 
 __all__ = ["parse_progress_line", "TrainingProcess"]
 
@@ -53,15 +55,25 @@ def parse_progress_line(line: str) -> dict | None:
 
 
 class TrainingProcess:
-    """A child process whose stdout/stderr lines are collected by reader threads."""
+    """The trainer's process tree, whose stdout/stderr lines are collected by reader threads.
+
+    Inside Slicer the command starts with ``PythonSlicer``, the CTK AppLauncher: it runs the real
+    interpreter (``python-real``) as a *child* and forwards no signals, so signalling or waiting
+    for the started process alone would stop or watch only the launcher. Hence signals go to the
+    whole tree (POSIX: its own session and process group; psutil's walk for members that left the
+    group, and on Windows), and the run has ended when the output streams are closed and no process
+    of the tree is left, not when the launcher exits.
+    """
 
     def __init__(self, command: Sequence[str], env: dict | None = None, cwd: str | os.PathLike | None = None,
                  stderr_tail: int = 60):
         kwargs: dict[str, Any] = {}
         if os.name == "nt":
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # so CTRL_BREAK reaches only it
+            # Own process group so CTRL_BREAK reaches only the trainer; no console window (as
+            # slicer.util.launchConsoleProcess, which hides it).
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
         else:
-            kwargs["start_new_session"] = True  # own process group: kill() can take its children too
+            kwargs["start_new_session"] = True  # own session and process group: one signal reaches the tree
         self.command = list(command)
         self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace",
@@ -72,6 +84,16 @@ class TrainingProcess:
                          for stream, name in ((self.process.stdout, "stdout"), (self.process.stderr, "stderr"))]
         for reader in self._readers:
             reader.start()
+        self._tree: dict[int, psutil.Process] = {}
+        try:
+            self._tree[self.process.pid] = psutil.Process(self.process.pid)
+        except psutil.Error:  # already gone
+            pass
+        self.refresh_tree()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
     def _read(self, stream, name: str) -> None:
         try:
@@ -92,6 +114,7 @@ class TrainingProcess:
                 return out
 
     def poll(self) -> int | None:
+        """The started process's (the launcher's) exit code, or None while it runs."""
         return self.process.poll()
 
     def streams_closed(self, timeout: float = 0.0) -> bool:
@@ -99,28 +122,70 @@ class TrainingProcess:
             reader.join(timeout)
         return not any(reader.is_alive() for reader in self._readers)
 
-    def request_stop(self) -> None:
-        """Ask the trainer to stop cleanly (it writes its last good checkpoint and exits 0)."""
-        if self.poll() is not None:
-            return
-        try:
-            if os.name == "nt":
-                os.kill(self.process.pid, signal.CTRL_BREAK_EVENT)
-            else:
-                os.kill(self.process.pid, signal.SIGTERM)
-        except (ProcessLookupError, OSError):
-            pass
+    def refresh_tree(self) -> None:
+        """Remember every descendant seen so far: once the launcher is gone its children cannot be found from it."""
+        for parent in list(self._tree.values()):
+            try:
+                children = parent.children(recursive=True)
+            except psutil.Error:
+                continue
+            for child in children:
+                self._tree.setdefault(child.pid, child)
 
-    def kill(self) -> None:
-        """Kill the process and, on POSIX, its whole process group."""
+    def alive(self) -> list[psutil.Process]:
+        """The processes of this run still running: the tree, and on POSIX anything left in its process group."""
+        self.poll()  # reap the launcher: a zombie is not running
+        members = dict(self._tree)
+        if os.name != "nt":
+            for candidate in psutil.process_iter():
+                try:
+                    if os.getpgid(candidate.pid) == self.pid:
+                        members.setdefault(candidate.pid, candidate)
+                except OSError:
+                    continue
+        return [p for p in members.values() if _running(p)]
+
+    def finished(self) -> bool:
+        """The trainer's output has ended and no process of the tree is left."""
+        return self.streams_closed(0.0) and not self.alive()
+
+    def request_stop(self) -> None:
+        """Ask the trainer to stop cleanly (it writes its last checkpoint and exits 0): SIGTERM to the
+        process group (CTRL_BREAK to the process group on Windows, which Python raises as SIGBREAK)."""
+        self.refresh_tree()
+        if os.name == "nt":
+            _ignore_gone(os.kill, self.pid, signal.CTRL_BREAK_EVENT)
+            return
+        _ignore_gone(os.killpg, self.pid, signal.SIGTERM)
+        for member in self.alive():  # members that left the group (a setsid grandchild)
+            if _ignore_gone(os.getpgid, member.pid) not in (None, self.pid):
+                _ignore_gone(member.terminate)
+
+    def kill(self, timeout: float = 10.0) -> None:
+        """Kill every process of the tree and wait (up to ``timeout`` s) until they are gone."""
+        self.refresh_tree()
+        victims = self.alive()
+        if os.name != "nt":
+            _ignore_gone(os.killpg, self.pid, signal.SIGKILL)
+        for victim in victims:
+            _ignore_gone(victim.kill)
+        psutil.wait_procs(victims, timeout=timeout)
         try:
-            if os.name == "nt":
-                self.process.kill()
-            else:
-                os.killpg(self.process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError, OSError):
-            pass
-        try:
-            self.process.wait(timeout=10)
+            self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             pass
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _ignore_gone(function, *args):
+    """Call ``function``; a process that has already gone (or cannot be reached) is not an error here."""
+    try:
+        return function(*args)
+    except (OSError, psutil.Error):
+        return None

@@ -13,9 +13,12 @@
    Python inside Slicer), so the GUI stays responsive and a crash or out-of-memory cannot take
    Slicer down. Each JSON line on its stdout becomes a ``progress(event)`` call on the calling
    thread; other lines arrive as ``{"event": "log", ...}``;
-4. ``stop()`` sends SIGTERM (CTRL_BREAK on Windows): the trainer writes its last good
-   checkpoint and exits; if it has not exited after ``TrainingOptions.stop_timeout`` seconds
-   it is killed. ``train`` then raises ``TrainingStopped`` carrying that checkpoint;
+4. ``stop()`` sends SIGTERM to the trainer's whole process tree (CTRL_BREAK on Windows): the
+   trainer writes its last good checkpoint and exits; if the tree is not gone after
+   ``TrainingOptions.stop_timeout`` seconds it is killed. ``train`` then raises
+   ``TrainingStopped`` carrying that checkpoint. The run ends when the trainer's output has
+   ended and no process of its tree is left (inside Slicer the started process is only the
+   launcher, see ``TrainingProcess``); ``abort()`` kills the tree at once (Slicer quitting);
 5. the temporary folder is removed in every case (success, stop, failure, bad input);
 6. on success the model is registered (``SAMedLib.model_registry``) so SAMedSegmenter lists it.
 
@@ -421,6 +424,11 @@ class _RunState:
     stopped_path: Path | None = None
     error_message: str | None = None
 
+    @property
+    def finished(self) -> bool:
+        """The trainer reported its end (done, stopped or error)."""
+        return bool(self.done_path or self.stopped_path or self.error_message)
+
 
 def _failure_message(state: _RunState, process: TrainingProcess, returncode: int | None) -> str:
     if state.error_message:
@@ -474,6 +482,12 @@ class TrainerLogic:
     def stop(self) -> None:
         """Ask a running ``train`` to stop cleanly (safe to call any time)."""
         self._stop_requested = True
+
+    def abort(self) -> None:
+        """Kill a running trainer's process tree now, without its final checkpoint (Slicer is quitting)."""
+        self._stop_requested = True
+        if self._process is not None:
+            self._process.kill()
 
     def deriveClasses(self, pairs) -> list[TrainingClass]:
         return derive_classes(pairs)
@@ -608,9 +622,9 @@ class TrainerLogic:
         process = TrainingProcess(command, env=self._environment(), cwd=work)
         self._process = process
         stop_sent_at = None
-        exited_at = None
+        leftover_since = None
         try:
-            while True:
+            while not process.finished():  # the trainer's output ended and its whole tree is gone
                 for stream, line in process.drain():
                     self._handle_line(stream, line, state, report)
                 now = time.monotonic()
@@ -618,23 +632,25 @@ class TrainerLogic:
                     stop_sent_at = now
                     process.request_stop()
                     report({"event": "log", "stream": "logic", "message": "Stopping: saving the last good checkpoint…"})
-                returncode = process.poll()
-                if returncode is None and stop_sent_at is not None and now - stop_sent_at > options.stop_timeout:
+                if stop_sent_at is not None and now - stop_sent_at > options.stop_timeout:
                     report({"event": "log", "stream": "logic",
                             "message": f"The trainer did not stop within {options.stop_timeout:g} s: killing it."})
                     process.kill()
-                    returncode = process.poll()
-                if returncode is not None:
-                    exited_at = exited_at or now
-                    # Read what is left; a grandchild holding the pipes open must not hang us.
-                    if process.streams_closed(0.0) or now - exited_at > 5.0:
-                        for stream, line in process.drain():
-                            self._handle_line(stream, line, state, report)
+                    break
+                # The launcher has exited and the trainer is done (output closed or its final event
+                # read): whatever is left (a grandchild holding the pipes) must not hang us.
+                if process.poll() is not None and (state.finished or process.streams_closed(0.0)):
+                    leftover_since = leftover_since or now
+                    if now - leftover_since > 5.0:
+                        process.kill()
                         break
                 self.processEvents()
                 time.sleep(self.pollInterval)
+            process.streams_closed(1.0)
+            for stream, line in process.drain():
+                self._handle_line(stream, line, state, report)
         finally:
-            if process.poll() is None:  # an exception (e.g. in a progress callback): never leave it running
+            if not process.finished():  # an exception (e.g. in a progress callback): never leave it running
                 process.kill()
             self._process = None
             self.lastStderr = "\n".join(process.stderr_tail)
