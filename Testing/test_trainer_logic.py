@@ -22,6 +22,7 @@ from SAMedLib.classes import SegmentClass
 from SAMedLib.model_registry import list_models, read_card
 from SAMedMRML.segmentations import labelmap_to_segmentation
 from SAMedMRML.volumes import volume_to_sitk
+from SAMedTrainerLib.process import process_group_options
 from SAMedTrainerLib.trainer_logic import (TrainerLogic, TrainingClass, TrainingCurves, TrainingFailed,
                                            TrainingInputError, TrainingOptions, TrainingStopped, build_train_command,
                                            derive_classes, parse_progress_line, unique_model_path)
@@ -315,6 +316,13 @@ def test_stop_kills_the_whole_tree_when_the_trainer_ignores_it(mrml, two_pairs, 
                     progress=progress)
     assert _processes_of_run(str(tmp_path), [int(pid_file.read_text())]) == []
     assert os.listdir(logic.workRoot) == []
+
+
+def test_trainer_tree_gets_a_process_group_of_its_own():
+    """POSIX: a new session (killpg reaches the launcher's children). Windows: a new process group (CTRL_BREAK
+    reaches it) and no console window; the values are Windows' documented CREATE_* flags."""
+    assert process_group_options("posix") == {"start_new_session": True}
+    assert process_group_options("nt") == {"creationflags": 0x00000200 | 0x08000000}
 
 
 def test_abort_kills_the_trainer_at_once(mrml, two_pairs, tmp_path, models_home):

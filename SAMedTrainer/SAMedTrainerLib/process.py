@@ -17,7 +17,7 @@ from typing import Any
 
 import psutil
 
-__all__ = ["parse_progress_line", "TrainingProcess"]
+__all__ = ["parse_progress_line", "process_group_options", "TrainingProcess"]
 
 
 def parse_progress_line(line: str) -> dict | None:
@@ -54,6 +54,18 @@ def parse_progress_line(line: str) -> dict | None:
     return event
 
 
+# Windows process creation flags (the subprocess module defines them only on Windows).
+CREATE_NEW_PROCESS_GROUP, CREATE_NO_WINDOW = 0x00000200, 0x08000000
+
+
+def process_group_options(os_name: str = os.name) -> dict[str, Any]:
+    """``Popen`` options that put the trainer's tree in a group of its own, so one signal reaches all of it."""
+    if os_name == "nt":
+        # CTRL_BREAK goes to a process group; no console window, as slicer.util.launchConsoleProcess hides it.
+        return {"creationflags": CREATE_NEW_PROCESS_GROUP | CREATE_NO_WINDOW}
+    return {"start_new_session": True}  # own session and process group
+
+
 class TrainingProcess:
     """The trainer's process tree, whose stdout/stderr lines are collected by reader threads.
 
@@ -67,17 +79,10 @@ class TrainingProcess:
 
     def __init__(self, command: Sequence[str], env: dict | None = None, cwd: str | os.PathLike | None = None,
                  stderr_tail: int = 60):
-        kwargs: dict[str, Any] = {}
-        if os.name == "nt":
-            # Own process group so CTRL_BREAK reaches only the trainer; no console window (as
-            # slicer.util.launchConsoleProcess, which hides it).
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
-        else:
-            kwargs["start_new_session"] = True  # own session and process group: one signal reaches the tree
         self.command = list(command)
         self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace",
-                                        bufsize=1, env=env, cwd=cwd, **kwargs)
+                                        bufsize=1, env=env, cwd=cwd, **process_group_options())
         self.lines: queue.SimpleQueue = queue.SimpleQueue()
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=stderr_tail)
         self._readers = [threading.Thread(target=self._read, args=(stream, name), daemon=True)
