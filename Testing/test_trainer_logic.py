@@ -238,23 +238,49 @@ def test_successful_run_exports_pairs_reports_progress_and_registers(mrml, two_p
     assert Path(info["cwd"]).parent == Path(logic.workRoot) and not Path(info["cwd"]).exists()
 
 
-def test_stop_ends_the_process_and_reports_the_last_checkpoint(mrml, two_pairs, tmp_path, models_home):
-    pairs, _ = two_pairs
-    logic = _logic(tmp_path, mode="slow")
-    before = scene_snapshot(mrml.scene)
-    seen = []
+LAUNCHERS = [pytest.param(None, id="direct"),
+             pytest.param(False, id="launcher", marks=pytest.mark.skipif(os.name == "nt", reason="POSIX stand-in")),
+             pytest.param(True, id="launcher-child-left-the-group",
+                          marks=pytest.mark.skipif(os.name == "nt", reason="POSIX stand-in"))]
+
+
+def _stopping_run(logic, tmp_path, launcher_new_session, at_iteration: int):
+    """Start through the launcher stand-in (unless None); ``progress`` records events and calls ``stop()`` at
+    ``at_iteration``; ``run_pids()`` are the started process and, behind a launcher, the trainer."""
+    pid_file = None
+    if launcher_new_session is not None:
+        logic.pythonExecutable, pid_file = _launcher_stand_in(tmp_path, launcher_new_session)
+    seen, started = [], []
 
     def progress(event):
         seen.append(event)
-        if event["event"] == "iteration" and event["iteration"] == 5:
+        if logic._process is not None and not started:
+            started.append(logic._process.pid)
+        if event["event"] == "iteration" and event["iteration"] == at_iteration:
             logic.stop()
 
+    def run_pids():
+        return started + ([int(pid_file.read_text())] if pid_file else [])
+
+    return progress, seen, run_pids
+
+
+@pytest.mark.parametrize("launcher_new_session", LAUNCHERS)
+def test_stop_ends_the_process_and_reports_the_last_checkpoint(mrml, two_pairs, tmp_path, models_home,
+                                                               launcher_new_session):
+    """Inside Slicer the started process is a launcher that forwards no signal: Stop must reach the trainer behind
+    it, and the run ends when the trainer is done (its ``stopped`` event read, nothing left running)."""
+    pairs, _ = two_pairs
+    logic = _logic(tmp_path, mode="slow")
+    before = scene_snapshot(mrml.scene)
+    progress, seen, run_pids = _stopping_run(logic, tmp_path, launcher_new_session, at_iteration=5)
     with pytest.raises(TrainingStopped) as info:
         logic.train(pairs, None, TrainingOptions(model_name="stopped", iterations=3), progress=progress)
     stopped = info.value
     assert stopped.checkpoint == models_home / "stopped.safetensors" and stopped.checkpoint.is_file()
     assert stopped.iteration is not None and 4 <= stopped.iteration < 50
-    assert any(e["event"] == "stopped" for e in seen)
+    assert [e["event"] for e in seen].count("stopped") == 1  # the trainer's own clean stop, read to the end
+    assert _processes_of_run(str(tmp_path), run_pids()) == []
     assert not logic.isRunning
     assert os.listdir(logic.workRoot) == []
     assert scene_snapshot(mrml.scene) == before
@@ -262,59 +288,16 @@ def test_stop_ends_the_process_and_reports_the_last_checkpoint(mrml, two_pairs, 
     assert not (models_home / "registry.json").exists()  # ...but not registered: the user is asked first
 
 
-def test_stop_kills_a_trainer_that_ignores_sigterm(mrml, two_pairs, tmp_path, models_home):
+@pytest.mark.parametrize("launcher_new_session", LAUNCHERS)
+def test_stop_kills_a_trainer_that_ignores_sigterm(mrml, two_pairs, tmp_path, models_home, launcher_new_session):
     pairs, _ = two_pairs
     logic = _logic(tmp_path, mode="ignore_term")
-
-    def progress(event):
-        if event["event"] == "iteration" and event["iteration"] == 3:
-            logic.stop()
-
+    progress, _, run_pids = _stopping_run(logic, tmp_path, launcher_new_session, at_iteration=3)
     with pytest.raises(TrainingStopped) as info:
         logic.train(pairs, None, TrainingOptions(model_name="killed", iterations=3, stop_timeout=1.0),
                     progress=progress)
     assert info.value.checkpoint == models_home / "killed.safetensors"  # from the last checkpoint event
-    assert os.listdir(logic.workRoot) == []
-
-
-@pytest.mark.skipif(os.name == "nt", reason="the launcher stand-in is a POSIX shell script")
-@pytest.mark.parametrize("new_session", [False, True], ids=["same-group", "left-the-group"])
-def test_stop_through_a_launcher_reaches_the_trainer(mrml, two_pairs, tmp_path, models_home, new_session):
-    """Inside Slicer the started process is the launcher: Stop must reach its child, and the run ends when the
-    child is done (its ``stopped`` event read, nothing left running), not when the launcher dies."""
-    pairs, _ = two_pairs
-    logic = _logic(tmp_path, mode="slow")
-    logic.pythonExecutable, pid_file = _launcher_stand_in(tmp_path, new_session)
-    seen = []
-
-    def progress(event):
-        seen.append(event)
-        if event["event"] == "iteration" and event["iteration"] == 5:
-            logic.stop()
-
-    with pytest.raises(TrainingStopped) as info:
-        logic.train(pairs, None, TrainingOptions(model_name="launched", iterations=3), progress=progress)
-    assert [e["event"] for e in seen].count("stopped") == 1  # the trainer's own clean stop, read to the end
-    assert info.value.checkpoint == models_home / "launched.safetensors" and info.value.checkpoint.is_file()
-    assert _processes_of_run(str(tmp_path), [int(pid_file.read_text())]) == []
-    assert os.listdir(logic.workRoot) == []
-
-
-@pytest.mark.skipif(os.name == "nt", reason="the launcher stand-in is a POSIX shell script")
-@pytest.mark.parametrize("new_session", [False, True], ids=["same-group", "left-the-group"])
-def test_stop_kills_the_whole_tree_when_the_trainer_ignores_it(mrml, two_pairs, tmp_path, models_home, new_session):
-    pairs, _ = two_pairs
-    logic = _logic(tmp_path, mode="ignore_term")
-    logic.pythonExecutable, pid_file = _launcher_stand_in(tmp_path, new_session)
-
-    def progress(event):
-        if event["event"] == "iteration" and event["iteration"] == 3:
-            logic.stop()
-
-    with pytest.raises(TrainingStopped):
-        logic.train(pairs, None, TrainingOptions(model_name="killed", iterations=3, stop_timeout=1.0),
-                    progress=progress)
-    assert _processes_of_run(str(tmp_path), [int(pid_file.read_text())]) == []
+    assert _processes_of_run(str(tmp_path), run_pids()) == []  # the whole tree killed
     assert os.listdir(logic.workRoot) == []
 
 

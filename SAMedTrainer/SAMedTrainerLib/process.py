@@ -1,4 +1,4 @@
-"""The training process tree: JSON progress lines in, clean stop (SIGTERM / CTRL_BREAK) or kill out.
+"""The training process tree: output lines in, clean stop (SIGTERM / CTRL_BREAK) or kill out.
 
 No Qt, no MRML: reader threads collect stdout/stderr lines into a queue that the caller drains
 on its own (main) thread.
@@ -6,7 +6,6 @@ on its own (main) thread.
 from __future__ import annotations
 
 import collections
-import json
 import os
 import queue
 import signal
@@ -17,41 +16,7 @@ from typing import Any
 
 import psutil
 
-__all__ = ["parse_progress_line", "process_group_options", "TrainingProcess"]
-
-
-def parse_progress_line(line: str) -> dict | None:
-    """The event of one ``--progress-json`` stdout line, or None for anything else (plain log text).
-
-    An event is a JSON object with a string ``"event"``; numeric fields of known events are
-    checked so a malformed line never reaches the progress bar.
-    """
-    text = line.strip()
-    if not text.startswith("{"):
-        return None
-    try:
-        event = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(event, dict) or not isinstance(event.get("event"), str):
-        return None
-    required = {
-        "iteration": ("iteration", "iterations"),
-        "validation": ("iteration", "mean_dice"),
-        "checkpoint": ("path",),
-        "done": ("path",),
-        "stopped": ("path",),
-        "error": ("message",),
-    }.get(event["event"], ())
-    for key in required:
-        if key not in event:
-            return None
-    for key in ("iteration", "iterations", "loss", "lr", "eta_s", "mean_dice"):
-        if key in event and event[key] is not None and not isinstance(event[key], (int, float)):
-            return None
-    if event["event"] == "validation" and not isinstance(event.get("dice", {}), dict):
-        return None
-    return event
+__all__ = ["process_group_options", "TrainingProcess"]
 
 
 # Windows process creation flags (the subprocess module defines them only on Windows).
