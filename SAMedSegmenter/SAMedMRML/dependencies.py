@@ -15,6 +15,7 @@ need no Slicer and are unit-tested.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import os
 import tempfile
@@ -89,6 +90,14 @@ def dependency_report(requirements_file: str | os.PathLike = REQUIREMENTS_FILE) 
     return "Missing: " + ", ".join(missing) + ". Click 'Install dependencies' to install them."
 
 
+def _slicer_packaging():
+    """``slicer.packaging`` (Slicer >= 5.11, where it is imported only on demand), or None (Slicer 5.10)."""
+    try:
+        return importlib.import_module("slicer.packaging")
+    except ImportError:
+        return None
+
+
 def _ensure_torch(slicer, ask_confirmation: bool) -> None:
     if not missing_requirements([f"torch{TORCH_REQUIREMENT}"]):
         return
@@ -99,7 +108,10 @@ def _ensure_torch(slicer, ask_confirmation: bool) -> None:
                            "restart Slicer, then click 'Install dependencies' again.") from exc
     torch_logic = PyTorchUtils.PyTorchUtilsLogic()
     if not torch_logic.torchInstalled():
-        torch_logic.installTorch(askConfirmation=ask_confirmation, torchVersionRequirement=TORCH_REQUIREMENT)
+        # installTorch returns the torch module, or None when the user cancels its confirmation.
+        torch = torch_logic.installTorch(askConfirmation=ask_confirmation, torchVersionRequirement=TORCH_REQUIREMENT)
+        if torch is None:
+            raise RuntimeError("PyTorch installation was cancelled: SAMed cannot run without PyTorch.")
     if missing_requirements([f"torch{TORCH_REQUIREMENT}"]):
         raise RuntimeError(f"PyTorch{TORCH_REQUIREMENT} is required but an older version is installed. "
                            "Use the 'PyTorch Utils' module to update it, then restart Slicer.")
@@ -128,14 +140,12 @@ def ensure_dependencies(requester: str = "SAMed", ask_confirmation: bool = True,
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write("\n".join(constraints) + "\n")
-        packaging_module = getattr(slicer, "packaging", None)
+        packaging_module = _slicer_packaging()
         if packaging_module is not None and hasattr(packaging_module, "pip_ensure"):  # Slicer >= 5.11
             from packaging.requirements import Requirement
 
-            # skip_packages: pip_ensure installs with --no-deps and walks the dependency tree itself,
-            # leaving these alone (torch is PyTorch Utils' job, the rest is Slicer's).
+            # The constraints file pins Slicer's own packages and torch: pip cannot replace them.
             packaging_module.pip_ensure([Requirement(r) for r in missing], constraints=constraints_path,
-                                        skip_packages=[*PROTECTED_PACKAGES, "torch", "torchvision"],
                                         prompt_install=ask_confirmation, requester=requester)
         else:  # Slicer 5.10: ask ourselves, then pip_install
             if ask_confirmation and not slicer.util.confirmOkCancelDisplay(
