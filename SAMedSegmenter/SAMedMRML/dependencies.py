@@ -23,7 +23,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 __all__ = ["REQUIREMENTS_FILE", "PROTECTED_PACKAGES", "TORCH_REQUIREMENT", "read_requirements",
-           "missing_requirements", "protection_constraints", "dependency_report", "ensure_dependencies"]
+           "missing_requirements", "missing_dependencies", "protection_constraints", "dependency_report",
+           "ensure_dependencies"]
 
 REQUIREMENTS_FILE = Path(__file__).resolve().parents[1] / "Resources" / "requirements.txt"
 PROTECTED_PACKAGES = ("SimpleITK", "numpy", "vtk")
@@ -82,9 +83,14 @@ def protection_constraints(packages: Iterable[str] = (*PROTECTED_PACKAGES, "torc
     return pins
 
 
+def missing_dependencies(requirements_file: str | os.PathLike = REQUIREMENTS_FILE) -> list[str]:
+    """Torch and the requirements file's packages that are not installed or too old."""
+    return missing_requirements([f"torch{TORCH_REQUIREMENT}", *read_requirements(requirements_file)])
+
+
 def dependency_report(requirements_file: str | os.PathLike = REQUIREMENTS_FILE) -> str:
     """One line for the GUI: what is missing, or that everything is installed."""
-    missing = missing_requirements([f"torch{TORCH_REQUIREMENT}", *read_requirements(requirements_file)])
+    missing = missing_dependencies(requirements_file)
     if not missing:
         return "All Python dependencies are installed."
     return "Missing: " + ", ".join(missing) + ". Click 'Install dependencies' to install them."
