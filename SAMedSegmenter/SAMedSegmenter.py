@@ -19,6 +19,9 @@ from SAMedLib import model_registry
 from SAMedMRML.segmenter_logic import DEVICES, MissingDependencyError, SegmentationCancelled, SegmenterLogic
 
 SETTINGS_EXTRA_MODELS = "SAMed/ExtraModels"
+# Closing the main window emits lastWindowClosed() at once, even inside a running slot; aboutToQuit()
+# only once the event loop has returned.
+APPLICATION_QUIT_SIGNALS = ("lastWindowClosed()", "aboutToQuit()")
 SETTINGS_BASE_CHECKPOINT = "SAMed/BaseCheckpoint"
 
 
@@ -122,6 +125,9 @@ class SAMedSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        # Quitting while segmenting (Apply's own loop pumps the events): stop inference after this batch.
+        for signal in APPLICATION_QUIT_SIGNALS:
+            slicer.app.connect(signal, self.onApplicationQuit)
 
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.loadCheckpointButton.connect("clicked(bool)", self.onLoadCheckpoint)
@@ -140,9 +146,14 @@ class SAMedSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""
+        self.onApplicationQuit()
+        for signal in APPLICATION_QUIT_SIGNALS:
+            slicer.app.disconnect(signal, self.onApplicationQuit)
+        self.removeObservers()
+
+    def onApplicationQuit(self) -> None:
         if self.logic is not None and self.logic.isRunning:
             self.logic.cancel()
-        self.removeObservers()
 
     def enter(self) -> None:
         """Called each time the user opens this module."""
