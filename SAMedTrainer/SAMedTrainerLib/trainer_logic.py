@@ -22,6 +22,10 @@
 5. the temporary folder is removed in every case (success, stop, failure, bad input);
 6. on success the model is registered (``SAMedLib.model_registry``) so SAMedSegmenter lists it.
 
+One file per step; this one runs them in order: ``pairs`` and ``training_classes`` (the input),
+``validation`` (1), ``export`` (2), ``command`` (options -> command line, 3), ``process`` (the
+process tree, 3-4), ``progress`` (its JSON lines), ``model_files`` (output path, model card).
+
 From the Slicer Python console::
 
     import SAMedTrainer
