@@ -308,6 +308,15 @@ def test_trainer_tree_gets_a_process_group_of_its_own():
     assert process_group_options("nt") == {"creationflags": 0x00000200 | 0x08000000}
 
 
+def test_a_process_left_holding_the_pipes_neither_hangs_the_run_nor_survives_it(mrml, two_pairs, tmp_path,
+                                                                               models_home):
+    pairs, _ = two_pairs
+    logic = _logic(tmp_path, mode="leave_child")
+    path = logic.train(pairs, None, TrainingOptions(model_name="done", iterations=3))
+    assert path == models_home / "done.safetensors" and path.is_file()
+    assert _processes_of_run(str(path), []) == []  # the helper (its command line names the model) was killed
+
+
 def test_abort_kills_the_trainer_at_once(mrml, two_pairs, tmp_path, models_home):
     """Slicer quitting: no clean stop (it may take a minute), but nothing left running either."""
     pairs, _ = two_pairs

@@ -11,6 +11,7 @@ import queue
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,6 +56,7 @@ class TrainingProcess:
         for reader in self._readers:
             reader.start()
         self._tree: dict[int, psutil.Process] = {}
+        self._tree_refreshed_at = 0.0
         try:
             self._tree[self.process.pid] = psutil.Process(self.process.pid)
         except psutil.Error:  # already gone
@@ -92,8 +94,15 @@ class TrainingProcess:
             reader.join(timeout)
         return not any(reader.is_alive() for reader in self._readers)
 
-    def refresh_tree(self) -> None:
-        """Remember every descendant seen so far: once the launcher is gone its children cannot be found from it."""
+    def refresh_tree(self, max_age: float = 0.0) -> None:
+        """Remember every descendant seen so far: once the launcher is gone its children cannot be found from it.
+
+        ``max_age``: do nothing if the last walk is younger than this (seconds), for periodic calls.
+        """
+        now = time.monotonic()
+        if now - self._tree_refreshed_at < max_age:
+            return
+        self._tree_refreshed_at = now
         for parent in list(self._tree.values()):
             try:
                 children = parent.children(recursive=True)
@@ -139,7 +148,8 @@ class TrainingProcess:
             _ignore_gone(os.killpg, self.pid, signal.SIGKILL)
         for victim in victims:
             _ignore_gone(victim.kill)
-        psutil.wait_procs(victims, timeout=timeout)
+        # The launcher is reaped by Popen (psutil would reap it first and lose its exit status).
+        psutil.wait_procs([v for v in victims if v.pid != self.pid], timeout=timeout)
         try:
             self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -218,6 +218,7 @@ class TrainerLogic:
         leftover_since = None
         try:
             while not process.finished():  # the trainer's output ended and its whole tree is gone
+                process.refresh_tree(max_age=1.0)  # know the launcher's children before anything kills it
                 for stream, line in process.drain():
                     state.read(stream, line, report)
                 now = time.monotonic()
@@ -230,9 +231,11 @@ class TrainerLogic:
                             "message": f"The trainer did not stop within {options.stop_timeout:g} s: killing it."})
                     process.kill()
                     break
-                # The launcher has exited and the trainer is done (output closed or its final event
-                # read): whatever is left (a grandchild holding the pipes) must not hang us.
-                if process.poll() is not None and (state.finished or process.streams_closed(0.0)):
+                # The launcher has exited and the trainer is done (its final event read, output closed,
+                # or nothing of the tree left): whatever remains (an escaped process holding the pipes)
+                # must not hang us.
+                if process.poll() is not None and (state.finished or process.streams_closed(0.0)
+                                                   or not process.alive()):
                     leftover_since = leftover_since or now
                     if now - leftover_since > 5.0:
                         process.kill()
