@@ -19,10 +19,10 @@ from SAMedLib import model_registry
 from SAMedMRML.segmenter_logic import DEVICES, MissingDependencyError, SegmentationCancelled, SegmenterLogic
 
 SETTINGS_EXTRA_MODELS = "SAMed/ExtraModels"
-# Closing the main window emits lastWindowClosed() at once, even inside a running slot; aboutToQuit()
-# only once the event loop has returned.
-APPLICATION_QUIT_SIGNALS = ("lastWindowClosed()", "aboutToQuit()")
 SETTINGS_BASE_CHECKPOINT = "SAMed/BaseCheckpoint"
+# Closing the main window emits lastWindowClosed() at once, even inside a running slot (Apply and Train
+# pump the events themselves); aboutToQuit() only once the event loop has returned.
+APPLICATION_QUIT_SIGNALS = ("lastWindowClosed()", "aboutToQuit()")
 
 
 #
