@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -241,7 +242,7 @@ def test_successful_run_exports_pairs_reports_progress_and_registers(mrml, two_p
 LAUNCHERS = [pytest.param(None, id="direct"),
              pytest.param(False, id="launcher", marks=pytest.mark.skipif(os.name == "nt", reason="POSIX stand-in")),
              pytest.param(True, id="launcher-child-left-the-group",
-                          marks=pytest.mark.skipif(os.name == "nt", reason="POSIX stand-in"))]
+                          marks=pytest.mark.skipif(shutil.which("setsid") is None, reason="needs setsid (Linux)"))]
 
 
 def _stopping_run(logic, tmp_path, launcher_new_session, at_iteration: int):
