@@ -15,6 +15,7 @@ from slicer.util import VTKObservationMixin
 
 # SAMedSegmenter's folder (SAMedLib, SAMedMRML) is on sys.path as well: it is a module dependency.
 from SAMedLib import model_registry
+from SAMedSegmenter import APPLICATION_QUIT_SIGNALS
 from SAMedTrainerLib.trainer_logic import (BASE_MODELS, METHODS, TrainerLogic, TrainingClass, TrainingCurves,
                                            TrainingOptions, TrainingPair, TrainingStopped)
 
@@ -120,6 +121,9 @@ class SAMedTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        # Quitting while training runs (Train's own loop pumps the events): no trainer may outlive Slicer.
+        for signal in APPLICATION_QUIT_SIGNALS:
+            slicer.app.connect(signal, self.onApplicationQuit)
 
         self.ui.addPairButton.connect("clicked(bool)", self.onAddPair)
         self.ui.removePairButton.connect("clicked(bool)", self.onRemovePair)
@@ -138,9 +142,15 @@ class SAMedTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        if self.logic is not None and self.logic.isRunning:
-            self.logic.stop()
+        self.onApplicationQuit()
+        for signal in APPLICATION_QUIT_SIGNALS:
+            slicer.app.disconnect(signal, self.onApplicationQuit)
         self.removeObservers()
+
+    def onApplicationQuit(self) -> None:
+        """Kill a running trainer's process tree now: a clean stop can take a minute, Slicer is going away."""
+        if self.logic is not None and self.logic.isRunning:
+            self.logic.abort()
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -153,6 +163,7 @@ class SAMedTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
+        self._curves = None  # the scene removes its nodes; a running training's next point draws new ones
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:

@@ -8,6 +8,7 @@ Behaviour is chosen with the environment variable FAKE_SAMED_MODE:
 * ``ignore_term``: like ``slow`` but ignores SIGTERM (must be killed).
 * ``fail``: some iterations, then ``{"event": "error"}`` and a traceback on stderr, exit 1.
 * ``crash``: a Python traceback on stderr only, exit 1.
+* ``leave_child``: like ``ok``, but leaves a process behind that holds the output pipes open.
 
 FAKE_SAMED_RECORD (optional) names a JSON file where the arguments and what the label files
 contained are written, so tests can check the exported data the trainer would have seen.
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
         emit({"event": "checkpoint", "path": args.output, "iteration": iteration})
 
     print("loading volumes (plain log line)", flush=True)
-    total = args.iterations if mode in ("ok", "fail") else 100000
+    total = args.iterations if mode in ("ok", "fail", "leave_child") else 100000
     for i in range(1, total + 1):
         if stop["flag"]:
             checkpoint(i - 1)
@@ -99,6 +100,10 @@ def main(argv=None) -> int:
     if mode == "crash":
         raise RuntimeError("simulated crash inside the trainer")
     emit({"event": "done", "path": args.output, "iteration": total})
+    if mode == "leave_child":  # a helper process outlives the trainer and keeps its output pipes open
+        import subprocess
+
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", args.output])
     return 0
 
 

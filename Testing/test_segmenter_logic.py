@@ -128,6 +128,26 @@ def test_cancel_mid_run_leaves_scene_unchanged(mrml, small_ct, tiny_checkpoint):
     assert not logic.isRunning
 
 
+def test_scene_closed_mid_run_cancels_and_writes_nothing(mrml, small_ct, tiny_checkpoint):
+    """Closing the scene (File > Close Scene, or quitting Slicer) while the worker runs: the result is written
+    neither into the removed nodes nor into the next scene."""
+    volume = _load_with_slicer(mrml, small_ct)
+    output = mrml.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "previous result")
+    closed = []
+
+    def processEvents():  # the user closes the scene while Slicer waits for the worker
+        if not closed:
+            closed.append(True)
+            mrml.scene.Clear(0)
+
+    logic = SegmenterLogic(processEvents=processEvents)
+    with pytest.raises(SegmentationCancelled, match="scene was closed"):
+        logic.segment(volume, tiny_checkpoint, outputSegmentation=output, device="cpu", batchSize=1)
+    assert closed and not logic.isRunning
+    assert mrml.scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 0
+    assert output.GetSegmentation().GetNumberOfSegments() == 0  # the removed node was not filled either
+
+
 def test_corrupt_and_mismatched_checkpoints_fail_clearly_without_new_nodes(mrml, small_ct, tiny_checkpoint, tmp_path):
     volume = _load_with_slicer(mrml, small_ct)
     before = scene_snapshot(mrml.scene)

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import SimpleITK as sitk
 import vtk
@@ -19,6 +23,7 @@ from SAMedLib.classes import SegmentClass
 from SAMedLib.model_registry import list_models, read_card
 from SAMedMRML.segmentations import labelmap_to_segmentation
 from SAMedMRML.volumes import volume_to_sitk
+from SAMedTrainerLib.process import process_group_options
 from SAMedTrainerLib.trainer_logic import (TrainerLogic, TrainingClass, TrainingCurves, TrainingFailed,
                                            TrainingInputError, TrainingOptions, TrainingStopped, build_train_command,
                                            derive_classes, parse_progress_line, unique_model_path)
@@ -67,6 +72,28 @@ def _logic(tmp_path, mode="ok", record=None) -> TrainerLogic:
         env["FAKE_SAMED_RECORD"] = str(record)
     logic.baseEnvironment = env
     return logic
+
+
+def _launcher_stand_in(folder: Path, new_session: bool = False) -> tuple[Path, Path]:
+    """An executable that behaves like Slicer's ``PythonSlicer`` (the CTK AppLauncher): it starts the real
+    interpreter as a *child* (no exec) that inherits its pipes, forwards no signal, dies on SIGTERM and
+    otherwise exits with the child's exit code. It writes the child's pid to the returned file.
+    ``new_session``: the child leaves the launcher's process group (as a ``setsid`` grandchild would)."""
+    launcher, pid_file = folder / "PythonSlicer", folder / "python-real.pid"
+    start = "setsid " if new_session else ""
+    launcher.write_text(f"#!/bin/sh\n{start}'{sys.executable}' \"$@\" &\necho $! > '{pid_file}'\nwait $!\nexit $?\n")
+    launcher.chmod(0o755)
+    return launcher, pid_file
+
+
+def _processes_of_run(marker: str, pids=()) -> list[str]:
+    """Processes still running whose command line mentions ``marker`` (a path unique to the test), or with ``pids``."""
+    alive = []
+    for process in psutil.process_iter(["pid", "cmdline", "status"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if process.info["status"] != psutil.STATUS_ZOMBIE and (marker in cmdline or process.info["pid"] in pids):
+            alive.append(f"{process.info['pid']}: {cmdline}")
+    return alive
 
 
 # --------------------------------------------------------------------------- progress lines
@@ -212,23 +239,49 @@ def test_successful_run_exports_pairs_reports_progress_and_registers(mrml, two_p
     assert Path(info["cwd"]).parent == Path(logic.workRoot) and not Path(info["cwd"]).exists()
 
 
-def test_stop_ends_the_process_and_reports_the_last_checkpoint(mrml, two_pairs, tmp_path, models_home):
-    pairs, _ = two_pairs
-    logic = _logic(tmp_path, mode="slow")
-    before = scene_snapshot(mrml.scene)
-    seen = []
+LAUNCHERS = [pytest.param(None, id="direct"),
+             pytest.param(False, id="launcher", marks=pytest.mark.skipif(os.name == "nt", reason="POSIX stand-in")),
+             pytest.param(True, id="launcher-child-left-the-group",
+                          marks=pytest.mark.skipif(shutil.which("setsid") is None, reason="needs setsid (Linux)"))]
+
+
+def _stopping_run(logic, tmp_path, launcher_new_session, at_iteration: int):
+    """Start through the launcher stand-in (unless None); ``progress`` records events and calls ``stop()`` at
+    ``at_iteration``; ``run_pids()`` are the started process and, behind a launcher, the trainer."""
+    pid_file = None
+    if launcher_new_session is not None:
+        logic.pythonExecutable, pid_file = _launcher_stand_in(tmp_path, launcher_new_session)
+    seen, started = [], []
 
     def progress(event):
         seen.append(event)
-        if event["event"] == "iteration" and event["iteration"] == 5:
+        if logic._process is not None and not started:
+            started.append(logic._process.pid)
+        if event["event"] == "iteration" and event["iteration"] == at_iteration:
             logic.stop()
 
+    def run_pids():
+        return started + ([int(pid_file.read_text())] if pid_file else [])
+
+    return progress, seen, run_pids
+
+
+@pytest.mark.parametrize("launcher_new_session", LAUNCHERS)
+def test_stop_ends_the_process_and_reports_the_last_checkpoint(mrml, two_pairs, tmp_path, models_home,
+                                                               launcher_new_session):
+    """Inside Slicer the started process is a launcher that forwards no signal: Stop must reach the trainer behind
+    it, and the run ends when the trainer is done (its ``stopped`` event read, nothing left running)."""
+    pairs, _ = two_pairs
+    logic = _logic(tmp_path, mode="slow")
+    before = scene_snapshot(mrml.scene)
+    progress, seen, run_pids = _stopping_run(logic, tmp_path, launcher_new_session, at_iteration=5)
     with pytest.raises(TrainingStopped) as info:
         logic.train(pairs, None, TrainingOptions(model_name="stopped", iterations=3), progress=progress)
     stopped = info.value
     assert stopped.checkpoint == models_home / "stopped.safetensors" and stopped.checkpoint.is_file()
     assert stopped.iteration is not None and 4 <= stopped.iteration < 50
-    assert any(e["event"] == "stopped" for e in seen)
+    assert [e["event"] for e in seen].count("stopped") == 1  # the trainer's own clean stop, read to the end
+    assert _processes_of_run(str(tmp_path), run_pids()) == []
     assert not logic.isRunning
     assert os.listdir(logic.workRoot) == []
     assert scene_snapshot(mrml.scene) == before
@@ -236,18 +289,53 @@ def test_stop_ends_the_process_and_reports_the_last_checkpoint(mrml, two_pairs, 
     assert not (models_home / "registry.json").exists()  # ...but not registered: the user is asked first
 
 
-def test_stop_kills_a_trainer_that_ignores_sigterm(mrml, two_pairs, tmp_path, models_home):
+@pytest.mark.parametrize("launcher_new_session", LAUNCHERS)
+def test_stop_kills_a_trainer_that_ignores_sigterm(mrml, two_pairs, tmp_path, models_home, launcher_new_session):
     pairs, _ = two_pairs
     logic = _logic(tmp_path, mode="ignore_term")
-
-    def progress(event):
-        if event["event"] == "iteration" and event["iteration"] == 3:
-            logic.stop()
-
+    progress, _, run_pids = _stopping_run(logic, tmp_path, launcher_new_session, at_iteration=3)
     with pytest.raises(TrainingStopped) as info:
         logic.train(pairs, None, TrainingOptions(model_name="killed", iterations=3, stop_timeout=1.0),
                     progress=progress)
     assert info.value.checkpoint == models_home / "killed.safetensors"  # from the last checkpoint event
+    assert _processes_of_run(str(tmp_path), run_pids()) == []  # the whole tree killed
+    assert os.listdir(logic.workRoot) == []
+
+
+def test_trainer_tree_gets_a_process_group_of_its_own():
+    """POSIX: a new session (killpg reaches the launcher's children). Windows: a new process group (CTRL_BREAK
+    reaches it) and no console window; the values are Windows' documented CREATE_* flags."""
+    assert process_group_options("posix") == {"start_new_session": True}
+    assert process_group_options("nt") == {"creationflags": 0x00000200 | 0x08000000}
+
+
+def test_a_process_left_holding_the_pipes_neither_hangs_the_run_nor_survives_it(mrml, two_pairs, tmp_path,
+                                                                               models_home):
+    pairs, _ = two_pairs
+    logic = _logic(tmp_path, mode="leave_child")
+    path = logic.train(pairs, None, TrainingOptions(model_name="done", iterations=3))
+    assert path == models_home / "done.safetensors" and path.is_file()
+    assert _processes_of_run(str(path), []) == []  # the helper (its command line names the model) was killed
+
+
+def test_abort_kills_the_trainer_at_once(mrml, two_pairs, tmp_path, models_home):
+    """Slicer quitting: no clean stop (it may take a minute), but nothing left running either."""
+    pairs, _ = two_pairs
+    logic = _logic(tmp_path, mode="ignore_term")
+    pids, logs = [], []
+
+    def progress(event):
+        if event["event"] == "log":
+            logs.append(event["message"])
+        if event["event"] == "iteration" and event["iteration"] == 2:
+            pids.append(logic._process.pid)
+            logic.abort()
+
+    with pytest.raises(TrainingStopped):
+        logic.train(pairs, None, TrainingOptions(model_name="aborted", iterations=3, stop_timeout=60),
+                    progress=progress)
+    assert not any("did not stop within" in message for message in logs)  # killed at once, not after the timeout
+    assert pids and _processes_of_run(str(tmp_path), pids) == []
     assert os.listdir(logic.workRoot) == []
 
 
@@ -383,28 +471,42 @@ def test_real_trainer_end_to_end_then_segment(mrml, shared_data, tmp_path, model
 
 
 @pytest.mark.slow
-def test_real_trainer_stop_and_failure(mrml, shared_data, tmp_path, models_home):
+@pytest.mark.skipif(os.name == "nt", reason="the launcher stand-in is a POSIX shell script")
+def test_real_trainer_stop_through_a_launcher_and_failure(mrml, shared_data, tmp_path, models_home):
+    """Stop as inside Slicer on Linux/macOS: the command starts a launcher that runs the real trainer as its child
+    and forwards no signal. The trainer itself must get the stop, write its final checkpoint and exit."""
     volume, segmentation = _real_pair(mrml, shared_data, tmp_path)
     logic = TrainerLogic()
+    logic.pythonExecutable, pid_file = _launcher_stand_in(tmp_path)
     logic.workRoot = str(tmp_path / "work")
     os.makedirs(logic.workRoot)
+    events = []
 
     def progress(event):
+        events.append(event)
         if event["event"] == "iteration" and event["iteration"] >= 3:
             logic.stop()
 
-    options = TrainingOptions(model_name="stopped", mode="frozen", head="linear", iterations=100000, device="cpu",
+    # No validation data: the trainer writes its checkpoint only at its end, i.e. on the clean stop.
+    options = TrainingOptions(model_name="stopped", mode="frozen", head="cnn", iterations=100000, device="cpu",
                               batch_size=2, extra_args=["--views-per-slice", "1", "--max-labeled-slices", "4",
-                                                        "--validate-every", "1", "--no-augmentation"])
+                                                        "--no-augmentation"])
     with pytest.raises(TrainingStopped) as info:
         logic.train([(volume, segmentation)], None, options, progress=progress)
-    assert info.value.iteration is not None and info.value.iteration < 1000
-    assert info.value.checkpoint == models_home / "stopped.safetensors"
-    assert read_card(info.value.checkpoint)["classes"][0]["name"] == "spleen"
-    assert os.listdir(logic.workRoot) == []
-    assert not logic.isRunning
+    stopped = [e for e in events if e["event"] == "stopped"]
+    assert len(stopped) == 1, logic.lastStderr  # the trainer's own clean stop
+    assert info.value.checkpoint == models_home / "stopped.safetensors" == Path(stopped[0]["path"])
+    card = read_card(info.value.checkpoint)
+    assert card["classes"][0]["name"] == "spleen"
+    assert card["training"]["iterations"] == stopped[0]["iteration"] == info.value.iteration < 1000
+    written = info.value.checkpoint.stat().st_mtime_ns
+    assert os.listdir(logic.workRoot) == [] and not logic.isRunning
+    trainer_pid = int(pid_file.read_text())
+    time.sleep(15)  # a trainer left behind would still be training (and would overwrite the checkpoint at its end)
+    assert _processes_of_run(str(tmp_path), [trainer_pid]) == []
+    assert info.value.checkpoint.stat().st_mtime_ns == written and os.listdir(logic.workRoot) == []
 
-    # the trainer's own error message comes through (an option the CLI rejects)
+    # the trainer's own error message comes through the launcher (an option the CLI rejects)
     bad = TrainingOptions(model_name="bad", iterations=2, device="cpu", extra_args=["--views-per-slice", "0"])
     with pytest.raises(TrainingFailed, match="views per slice must be >= 1"):
         logic.train([(volume, segmentation)], None, bad)

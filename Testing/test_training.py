@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -307,6 +308,35 @@ def test_blur_augmentation_smooths_the_view():
     assert energy[1] < 0.7 * energy[0], energy
     assert abs(float(smooth.sum() - image.sum())) < 0.02 * float(image.sum())  # blurred, not darkened
     assert torch.equal(made.targets[0], made.targets[1])  # labels are not blurred
+
+
+# --------------------------------------------------------------------------- stop signals
+
+
+def test_windows_ctrl_break_stops_training_cleanly(monkeypatch):
+    """Windows delivers the Stop button's CTRL_BREAK_EVENT as SIGBREAK: train() must stop cleanly on it as on
+    SIGTERM (and restore the previous handler). Linux has no SIGBREAK, so SIGUSR1 plays it here."""
+    monkeypatch.setattr(signal, "SIGBREAK", signal.SIGUSR1, raising=False)
+    unhandled = []
+
+    def previous_handler(*_):
+        unhandled.append(True)
+
+    def stopped_by_the_signal(config, progress, progress_json, stop):  # stands in for the training loop
+        os.kill(os.getpid(), signal.SIGUSR1)
+        for _ in range(200):  # Python runs signal handlers on the main thread between bytecodes
+            if stop.stop or unhandled:
+                break
+            time.sleep(0.01)
+        return stop.stop
+
+    saved = signal.signal(signal.SIGUSR1, previous_handler)
+    try:
+        monkeypatch.setattr(trainer_module, "_train", stopped_by_the_signal)
+        assert train(None) is True and unhandled == []
+        assert signal.getsignal(signal.SIGUSR1) is previous_handler
+    finally:
+        signal.signal(signal.SIGUSR1, saved)
 
 
 # --------------------------------------------------------------------------- bad training input

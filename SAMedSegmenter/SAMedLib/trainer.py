@@ -167,13 +167,15 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None, p
           stop_flag: _StopFlag | None = None) -> TrainingResult:
     """Fine-tune and write the best checkpoint (by validation mean Dice) to ``config.output``.
 
-    Without a ``stop_flag``, SIGINT/SIGTERM stop training cleanly (best checkpoint kept) while it runs;
-    the previous handlers are restored afterwards.
+    Without a ``stop_flag``, SIGINT/SIGTERM (SIGBREAK on Windows) stop training cleanly (best
+    checkpoint kept) while it runs; the previous handlers are restored afterwards.
     """
     stop = stop_flag or _StopFlag()
     if stop_flag is not None or not _in_main_thread():
         return _train(config, progress, progress_json, stop)
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # SIGBREAK: Windows delivers the parent's CTRL_BREAK_EVENT (its Stop) as this signal.
+    stop_signals = (signal.SIGINT, signal.SIGTERM, *([signal.SIGBREAK] if hasattr(signal, "SIGBREAK") else []))
+    previous = {sig: signal.signal(sig, stop) for sig in stop_signals}
     try:
         return _train(config, progress, progress_json, stop)
     finally:

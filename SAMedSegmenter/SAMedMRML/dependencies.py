@@ -15,6 +15,7 @@ need no Slicer and are unit-tested.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import os
 import tempfile
@@ -22,7 +23,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 __all__ = ["REQUIREMENTS_FILE", "PROTECTED_PACKAGES", "TORCH_REQUIREMENT", "read_requirements",
-           "missing_requirements", "protection_constraints", "dependency_report", "ensure_dependencies"]
+           "missing_requirements", "missing_dependencies", "protection_constraints", "dependency_report",
+           "ensure_dependencies"]
 
 REQUIREMENTS_FILE = Path(__file__).resolve().parents[1] / "Resources" / "requirements.txt"
 PROTECTED_PACKAGES = ("SimpleITK", "numpy", "vtk")
@@ -81,12 +83,25 @@ def protection_constraints(packages: Iterable[str] = (*PROTECTED_PACKAGES, "torc
     return pins
 
 
+def missing_dependencies(requirements_file: str | os.PathLike = REQUIREMENTS_FILE) -> list[str]:
+    """Torch and the requirements file's packages that are not installed or too old."""
+    return missing_requirements([f"torch{TORCH_REQUIREMENT}", *read_requirements(requirements_file)])
+
+
 def dependency_report(requirements_file: str | os.PathLike = REQUIREMENTS_FILE) -> str:
     """One line for the GUI: what is missing, or that everything is installed."""
-    missing = missing_requirements([f"torch{TORCH_REQUIREMENT}", *read_requirements(requirements_file)])
+    missing = missing_dependencies(requirements_file)
     if not missing:
         return "All Python dependencies are installed."
     return "Missing: " + ", ".join(missing) + ". Click 'Install dependencies' to install them."
+
+
+def _slicer_packaging():
+    """``slicer.packaging`` (Slicer >= 5.11, where it is imported only on demand), or None (Slicer 5.10)."""
+    try:
+        return importlib.import_module("slicer.packaging")
+    except ImportError:
+        return None
 
 
 def _ensure_torch(slicer, ask_confirmation: bool) -> None:
@@ -99,7 +114,10 @@ def _ensure_torch(slicer, ask_confirmation: bool) -> None:
                            "restart Slicer, then click 'Install dependencies' again.") from exc
     torch_logic = PyTorchUtils.PyTorchUtilsLogic()
     if not torch_logic.torchInstalled():
-        torch_logic.installTorch(askConfirmation=ask_confirmation, torchVersionRequirement=TORCH_REQUIREMENT)
+        # installTorch returns the torch module, or None when the user cancels its confirmation.
+        torch = torch_logic.installTorch(askConfirmation=ask_confirmation, torchVersionRequirement=TORCH_REQUIREMENT)
+        if torch is None:
+            raise RuntimeError("PyTorch installation was cancelled: SAMed cannot run without PyTorch.")
     if missing_requirements([f"torch{TORCH_REQUIREMENT}"]):
         raise RuntimeError(f"PyTorch{TORCH_REQUIREMENT} is required but an older version is installed. "
                            "Use the 'PyTorch Utils' module to update it, then restart Slicer.")
@@ -128,14 +146,12 @@ def ensure_dependencies(requester: str = "SAMed", ask_confirmation: bool = True,
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write("\n".join(constraints) + "\n")
-        packaging_module = getattr(slicer, "packaging", None)
+        packaging_module = _slicer_packaging()
         if packaging_module is not None and hasattr(packaging_module, "pip_ensure"):  # Slicer >= 5.11
             from packaging.requirements import Requirement
 
-            # skip_packages: pip_ensure installs with --no-deps and walks the dependency tree itself,
-            # leaving these alone (torch is PyTorch Utils' job, the rest is Slicer's).
+            # The constraints file pins Slicer's own packages and torch: pip cannot replace them.
             packaging_module.pip_ensure([Requirement(r) for r in missing], constraints=constraints_path,
-                                        skip_packages=[*PROTECTED_PACKAGES, "torch", "torchvision"],
                                         prompt_install=ask_confirmation, requester=requester)
         else:  # Slicer 5.10: ask ourselves, then pip_install
             if ask_confirmation and not slicer.util.confirmOkCancelDisplay(

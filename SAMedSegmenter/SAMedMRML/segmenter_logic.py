@@ -12,7 +12,8 @@ Threading model (the NNInteractive pattern):
   forwards the worker's latest progress to the caller's ``progress`` callback, so progress
   callbacks always run on the main thread.
 * ``cancel()`` sets a flag that inference checks between batches. Cancel or any error leaves
-  the scene exactly as it was: nothing is written until inference has finished.
+  the scene exactly as it was: nothing is written until inference has finished. Closing the
+  scene meanwhile cancels too (``SegmentationCancelled``; nothing is written into the new scene).
 
 From the Slicer Python console::
 
@@ -218,16 +219,34 @@ class SegmenterLogic:
             if not model.is_file():
                 raise FileNotFoundError(f"model file not found: {model}")
         image = volume_to_sitk(inputVolume)  # main thread: the only MRML read; raises clear errors
+        scene = inputVolume.GetScene()
+        if scene is None:
+            raise ValueError(f"volume '{inputVolume.GetName()}' is not in a scene")
 
         self._running = True
         self._cancel.clear()
         self._progress_state = None
+        # Closing the scene (or quitting Slicer) while waiting: stop inference and write nothing,
+        # neither into the nodes being removed nor into the next scene.
+        sceneClosed = threading.Event()
+
+        def onSceneClose(caller, event):
+            sceneClosed.set()
+            self._cancel.set()
+
+        closeObserver = scene.AddObserver(scene.StartCloseEvent, onSceneClose)
         try:
             report = progress or (lambda fraction, message: None)
             report(0.0, "Loading model…")
             future = self.worker.submit(self._inference_job, image, model, device, batchSize, largestComponent,
                                         baseCheckpoint)
-            card, labels, self.lastDevice = self._wait(future, report)
+            try:
+                card, labels, self.lastDevice = self._wait(future, report)
+            except SegmentationCancelled:
+                if not sceneClosed.is_set():
+                    raise
+            if sceneClosed.is_set():
+                raise SegmentationCancelled("the scene was closed during segmentation: nothing was written")
             if self._cancel.is_set():
                 raise SegmentationCancelled("segmentation cancelled")
             report(0.97, "Writing segments…")
@@ -237,6 +256,7 @@ class SegmenterLogic:
             report(1.0, "Done")
             return node
         finally:
+            scene.RemoveObserver(closeObserver)
             self._running = False
 
     # ------------------------------------------------------------------ worker side (no MRML, no Qt)

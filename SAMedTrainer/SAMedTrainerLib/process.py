@@ -1,4 +1,4 @@
-"""The training child process: JSON progress lines in, clean stop (SIGTERM / CTRL_BREAK) or kill out.
+"""The training process tree: output lines in, clean stop (SIGTERM / CTRL_BREAK) or kill out.
 
 No Qt, no MRML: reader threads collect stdout/stderr lines into a queue that the caller drains
 on its own (main) thread.
@@ -6,72 +6,66 @@ on its own (main) thread.
 from __future__ import annotations
 
 import collections
-import json
 import os
 import queue
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["parse_progress_line", "TrainingProcess"]
+import psutil
+
+__all__ = ["process_group_options", "TrainingProcess"]
 
 
-def parse_progress_line(line: str) -> dict | None:
-    """The event of one ``--progress-json`` stdout line, or None for anything else (plain log text).
+# Windows process creation flags (the subprocess module defines them only on Windows).
+CREATE_NEW_PROCESS_GROUP, CREATE_NO_WINDOW = 0x00000200, 0x08000000
 
-    An event is a JSON object with a string ``"event"``; numeric fields of known events are
-    checked so a malformed line never reaches the progress bar.
-    """
-    text = line.strip()
-    if not text.startswith("{"):
-        return None
-    try:
-        event = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(event, dict) or not isinstance(event.get("event"), str):
-        return None
-    required = {
-        "iteration": ("iteration", "iterations"),
-        "validation": ("iteration", "mean_dice"),
-        "checkpoint": ("path",),
-        "done": ("path",),
-        "stopped": ("path",),
-        "error": ("message",),
-    }.get(event["event"], ())
-    for key in required:
-        if key not in event:
-            return None
-    for key in ("iteration", "iterations", "loss", "lr", "eta_s", "mean_dice"):
-        if key in event and event[key] is not None and not isinstance(event[key], (int, float)):
-            return None
-    if event["event"] == "validation" and not isinstance(event.get("dice", {}), dict):
-        return None
-    return event
+
+def process_group_options(os_name: str = os.name) -> dict[str, Any]:
+    """``Popen`` options that put the trainer's tree in a group of its own, so one signal reaches all of it."""
+    if os_name == "nt":
+        # CTRL_BREAK goes to a process group; no console window, as slicer.util.launchConsoleProcess hides it.
+        return {"creationflags": CREATE_NEW_PROCESS_GROUP | CREATE_NO_WINDOW}
+    return {"start_new_session": True}  # own session and process group
 
 
 class TrainingProcess:
-    """A child process whose stdout/stderr lines are collected by reader threads."""
+    """The trainer's process tree, whose stdout/stderr lines are collected by reader threads.
+
+    Inside Slicer the command starts with ``PythonSlicer``, the CTK AppLauncher: it runs the real
+    interpreter (``python-real``) as a *child* and forwards no signals, so signalling or waiting
+    for the started process alone would stop or watch only the launcher. Hence signals go to the
+    whole tree (POSIX: its own session and process group; psutil's walk for members that left the
+    group, and on Windows), and the run has ended when the output streams are closed and no process
+    of the tree is left, not when the launcher exits.
+    """
 
     def __init__(self, command: Sequence[str], env: dict | None = None, cwd: str | os.PathLike | None = None,
                  stderr_tail: int = 60):
-        kwargs: dict[str, Any] = {}
-        if os.name == "nt":
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # so CTRL_BREAK reaches only it
-        else:
-            kwargs["start_new_session"] = True  # own process group: kill() can take its children too
         self.command = list(command)
         self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace",
-                                        bufsize=1, env=env, cwd=cwd, **kwargs)
+                                        bufsize=1, env=env, cwd=cwd, **process_group_options())
         self.lines: queue.SimpleQueue = queue.SimpleQueue()
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=stderr_tail)
         self._readers = [threading.Thread(target=self._read, args=(stream, name), daemon=True)
                          for stream, name in ((self.process.stdout, "stdout"), (self.process.stderr, "stderr"))]
         for reader in self._readers:
             reader.start()
+        self._tree: dict[int, psutil.Process] = {}
+        self._tree_refreshed_at = 0.0
+        try:
+            self._tree[self.process.pid] = psutil.Process(self.process.pid)
+        except psutil.Error:  # already gone
+            pass
+        self.refresh_tree()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
     def _read(self, stream, name: str) -> None:
         try:
@@ -92,6 +86,7 @@ class TrainingProcess:
                 return out
 
     def poll(self) -> int | None:
+        """The started process's (the launcher's) exit code, or None while it runs."""
         return self.process.poll()
 
     def streams_closed(self, timeout: float = 0.0) -> bool:
@@ -99,28 +94,78 @@ class TrainingProcess:
             reader.join(timeout)
         return not any(reader.is_alive() for reader in self._readers)
 
-    def request_stop(self) -> None:
-        """Ask the trainer to stop cleanly (it writes its last good checkpoint and exits 0)."""
-        if self.poll() is not None:
-            return
-        try:
-            if os.name == "nt":
-                os.kill(self.process.pid, signal.CTRL_BREAK_EVENT)
-            else:
-                os.kill(self.process.pid, signal.SIGTERM)
-        except (ProcessLookupError, OSError):
-            pass
+    def refresh_tree(self, max_age: float = 0.0) -> None:
+        """Remember every descendant seen so far: once the launcher is gone its children cannot be found from it.
 
-    def kill(self) -> None:
-        """Kill the process and, on POSIX, its whole process group."""
+        ``max_age``: do nothing if the last walk is younger than this (seconds), for periodic calls.
+        """
+        now = time.monotonic()
+        if now - self._tree_refreshed_at < max_age:
+            return
+        self._tree_refreshed_at = now
+        for parent in list(self._tree.values()):
+            try:
+                children = parent.children(recursive=True)
+            except psutil.Error:
+                continue
+            for child in children:
+                self._tree.setdefault(child.pid, child)
+
+    def alive(self) -> list[psutil.Process]:
+        """The processes of this run still running: the tree, and on POSIX anything left in its process group."""
+        self.poll()  # reap the launcher: a zombie is not running
+        members = dict(self._tree)
+        if os.name != "nt":
+            for candidate in psutil.process_iter():
+                try:
+                    if os.getpgid(candidate.pid) == self.pid:
+                        members.setdefault(candidate.pid, candidate)
+                except OSError:
+                    continue
+        return [p for p in members.values() if _running(p)]
+
+    def finished(self) -> bool:
+        """The trainer's output has ended and no process of the tree is left."""
+        return self.streams_closed(0.0) and not self.alive()
+
+    def request_stop(self) -> None:
+        """Ask the trainer to stop cleanly (it writes its last checkpoint and exits 0): SIGTERM to the
+        process group (CTRL_BREAK to the process group on Windows, which Python raises as SIGBREAK)."""
+        self.refresh_tree()
+        if os.name == "nt":
+            _ignore_gone(os.kill, self.pid, signal.CTRL_BREAK_EVENT)
+            return
+        _ignore_gone(os.killpg, self.pid, signal.SIGTERM)
+        for member in self.alive():  # members that left the group (a setsid grandchild)
+            if _ignore_gone(os.getpgid, member.pid) not in (None, self.pid):
+                _ignore_gone(member.terminate)
+
+    def kill(self, timeout: float = 10.0) -> None:
+        """Kill every process of the tree and wait (up to ``timeout`` s) until they are gone."""
+        self.refresh_tree()
+        victims = self.alive()
+        if os.name != "nt":
+            _ignore_gone(os.killpg, self.pid, signal.SIGKILL)
+        for victim in victims:
+            _ignore_gone(victim.kill)
+        # The launcher is reaped by Popen (psutil would reap it first and lose its exit status).
+        psutil.wait_procs([v for v in victims if v.pid != self.pid], timeout=timeout)
         try:
-            if os.name == "nt":
-                self.process.kill()
-            else:
-                os.killpg(self.process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError, OSError):
-            pass
-        try:
-            self.process.wait(timeout=10)
+            self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             pass
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _ignore_gone(function, *args):
+    """Call ``function``; a process that has already gone (or cannot be reached) is not an error here."""
+    try:
+        return function(*args)
+    except (OSError, psutil.Error):
+        return None
