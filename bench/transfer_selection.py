@@ -23,6 +23,7 @@ import SimpleITK as sitk
 
 from SAMedLib.checkpoint import load_model
 from SAMedLib.classes import parse_class_list
+from SAMedLib.cleanup import clean_label_image
 from SAMedLib.cli import main as samed
 from SAMedLib.inference import segment_image
 from SAMedLib.model_card import CLEANUPS, REFINEMENTS
@@ -73,9 +74,11 @@ def main() -> None:
             loaded = load_model(model)
             scores = {}
             for refinement in REFINEMENTS:
+                t = time.perf_counter()
+                raw, confidence = segment_image(image, loaded, device="cpu", refinement=refinement, cleanup="none",
+                                                return_confidence=True)
                 for cleanup in CLEANUPS:
-                    t = time.perf_counter()
-                    pred = segment_image(image, loaded, device="cpu", refinement=refinement, cleanup=cleanup)
+                    pred = clean_label_image(raw, confidence, [c.value for c in classes], cleanup)
                     s = score(pred, reference, classes)
                     scores[f"{refinement}/{cleanup}"] = {
                         "mean_dice": round(float(np.mean([s["classes"][o]["dice"] for o in ORGANS])), 4),

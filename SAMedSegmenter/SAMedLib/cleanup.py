@@ -8,8 +8,9 @@ keeps the best one plus every other component that is comparable to it.
 from __future__ import annotations
 
 import numpy as np
+import SimpleITK as sitk
 
-__all__ = ["keep_largest_component", "keep_plausible_components"]
+__all__ = ["keep_largest_component", "keep_plausible_components", "clean_labels", "clean_label_image"]
 
 CONNECTIVITY = np.ones((3, 3, 3), bool)  # 26-connected
 
@@ -56,4 +57,26 @@ def keep_plausible_components(labels: np.ndarray, confidence: np.ndarray | None,
         keep = (score >= keep_fraction * score[best]) & (mean_conf >= min_confidence) & (volume >= min_volume_ml)
         keep[best] = True
         out[mask & ~np.isin(components, index[keep])] = 0
+    return out
+
+
+def clean_labels(labels: np.ndarray, confidence: np.ndarray | None, values: list[int],
+                 spacing_zyx: tuple[float, float, float], cleanup: str) -> np.ndarray:
+    """Apply the named clean-up (model_card.CLEANUPS) to a (z, y, x) label array."""
+    if cleanup == "largest":
+        return keep_largest_component(labels, values)
+    if cleanup == "components":
+        return keep_plausible_components(labels, confidence, values, spacing_zyx)
+    if cleanup != "none":
+        raise ValueError(f"unknown clean-up '{cleanup}'")
+    return labels
+
+
+def clean_label_image(labels: sitk.Image, confidence: sitk.Image | None, values: list[int], cleanup: str) -> sitk.Image:
+    """``clean_labels`` on a label image (and the confidence image ``segment_image`` returns), same grid out."""
+    array = clean_labels(sitk.GetArrayFromImage(labels),
+                         None if confidence is None else sitk.GetArrayFromImage(confidence), values,
+                         tuple(reversed(labels.GetSpacing())), cleanup)
+    out = sitk.GetImageFromArray(array)
+    out.CopyInformation(labels)
     return out

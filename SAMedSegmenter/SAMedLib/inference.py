@@ -18,7 +18,7 @@ import torch
 
 from .acceleration import autocast, precision_name, prepare_encoder
 from .checkpoint import LoadedModel
-from .cleanup import keep_largest_component, keep_plausible_components
+from .cleanup import clean_labels
 from .errors import SAMedError
 from .model_card import Postprocessing
 from .prompting import PromptDecoder
@@ -26,7 +26,7 @@ from .refinement import refine_logits
 from .preprocessing import from_model_grid, intensity_range, model_input, normalize_intensity, slice_to_model_theta
 from .volume_io import to_canonical, validate_volume
 
-__all__ = ["segment_image", "resolve_device", "Cancelled", "ProgressCallback", "keep_largest_component",
+__all__ = ["segment_image", "resolve_device", "Cancelled", "ProgressCallback",
            "default_batch_size"]
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,8 @@ def default_batch_size(device: str) -> int:
 def segment_image(image: sitk.Image, model: LoadedModel, *, device: str = "auto", batch_size: int | None = None,
                   largest_component: bool = False, precision: str = "auto", refinement: str | None = None,
                   cleanup: str | None = None, progress: ProgressCallback | None = None,
-                  should_cancel: Callable[[], bool] | None = None) -> sitk.Image:
+                  should_cancel: Callable[[], bool] | None = None,
+                  return_confidence: bool = False) -> sitk.Image | tuple[sitk.Image, sitk.Image]:
     """Segment a 3D image; returns a label map on exactly the input grid with the card's label values.
 
     Args:
@@ -78,6 +79,8 @@ def segment_image(image: sitk.Image, model: LoadedModel, *, device: str = "auto"
         precision: ``auto`` (fp16 on CUDA, bf16 on CPUs with native bf16, else fp32) or ``fp32``.
         progress: called with (fraction done, message) after every batch.
         should_cancel: checked between batches; returning True raises ``Cancelled``.
+        return_confidence: also return the head's probability of each voxel's class (uint8, 0..255, on the
+            input grid), e.g. to compare clean-ups with ``SAMedLib.cleanup.clean_label_image`` without re-running.
     """
     validate_volume(image, "input volume")
     card = model.card
@@ -110,8 +113,9 @@ def segment_image(image: sitk.Image, model: LoadedModel, *, device: str = "auto"
     values = torch.tensor([0] + [c.value for c in card.classes], dtype=torch.int32)
     out_dtype = np.uint8 if max(c.value for c in card.classes) < 256 else np.uint16
     labels = np.zeros(volume.shape, dtype=out_dtype)
-    confidence = np.zeros(volume.shape, dtype=np.uint8) if post.cleanup == "components" else None
-    predictor = SlicePredictor(net, theta, (spacing_y, spacing_x), prep, precision, decoder, post)
+    with_confidence = post.cleanup == "components" or return_confidence
+    confidence = np.zeros(volume.shape, dtype=np.uint8) if with_confidence else None
+    predictor = SlicePredictor(net, theta, (spacing_y, spacing_x), prep, precision, decoder, post, with_confidence)
 
     start, done = time.perf_counter(), 0
     report(0.0, f"segmenting {depth} slices on {device} ({compute})")
@@ -141,11 +145,8 @@ def segment_image(image: sitk.Image, model: LoadedModel, *, device: str = "auto"
         elapsed = time.perf_counter() - start
         report(done / depth, f"slice {done}/{depth}, {elapsed / done:.2f} s/slice")
 
-    class_values = [c.value for c in card.classes]
-    if post.cleanup == "largest":
-        labels = keep_largest_component(labels, class_values)
-    elif post.cleanup == "components":
-        labels = keep_plausible_components(labels, confidence, class_values, canonical.GetSpacing()[::-1])
+    labels = clean_labels(labels, confidence, [c.value for c in card.classes], canonical.GetSpacing()[::-1],
+                          post.cleanup)
     result = sitk.GetImageFromArray(labels)
     result.CopyInformation(canonical)
     result = restore(result)
@@ -153,7 +154,11 @@ def segment_image(image: sitk.Image, model: LoadedModel, *, device: str = "auto"
     result.SetMetaData("SAMed_refinement", post.refinement)
     result.SetMetaData("SAMed_cleanup", post.cleanup)
     result.SetMetaData("SAMed_largest_component", "1" if post.cleanup == "largest" else "0")
-    return result
+    if not return_confidence:
+        return result
+    confidence_image = sitk.GetImageFromArray(confidence)
+    confidence_image.CopyInformation(canonical)
+    return result, restore(confidence_image)
 
 
 class SlicePredictor:
@@ -164,9 +169,9 @@ class SlicePredictor:
     """
 
     def __init__(self, net: torch.nn.Module, theta: torch.Tensor, spacing_yx: tuple[float, float], prep,
-                 precision: str, decoder: PromptDecoder | None, post: Postprocessing):
+                 precision: str, decoder: PromptDecoder | None, post: Postprocessing, with_confidence: bool):
         self.net, self.theta, self.spacing_yx, self.prep = net, theta, spacing_yx, prep
-        self.precision, self.decoder, self.post = precision, decoder, post
+        self.precision, self.decoder, self.post, self.with_confidence = precision, decoder, post, with_confidence
 
     def to(self, device: str) -> "SlicePredictor":
         self.net.to(device)
@@ -198,7 +203,7 @@ class SlicePredictor:
             index = native.argmax(dim=1)
             index[:, ~inside] = 0  # outside the model's field of view: background
             probability = torch.zeros(index.shape, device=index.device)
-            if self.post.cleanup == "components":
+            if self.with_confidence:
                 head_native, _ = from_model_grid(logits.softmax(dim=1), theta, (height, width))
                 probability = head_native.gather(1, index.unsqueeze(1))[:, 0]
         return index, probability
