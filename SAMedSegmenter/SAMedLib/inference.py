@@ -22,7 +22,7 @@ from .preprocessing import from_model_grid, intensity_range, model_input, normal
 from .volume_io import to_canonical, validate_volume
 
 __all__ = ["segment_image", "resolve_device", "Cancelled", "ProgressCallback", "keep_largest_component",
-           "default_batch_size"]
+           "default_batch_size", "body_slice_indices"]
 
 log = logging.getLogger(__name__)
 ProgressCallback = Callable[[float, str], None]
@@ -68,6 +68,17 @@ def keep_largest_component(labels: np.ndarray, values: list[int]) -> np.ndarray:
     return out
 
 
+def body_slice_indices(volume: np.ndarray, prep, value_range: tuple[float, float]) -> np.ndarray:
+    """Indices of the axial slices (``volume[z]``) that hold anything inside the intensity window.
+
+    The others are air only: their model input is exactly zero, so they skip the encoder and are background.
+    """
+    low = value_range[0]
+    body = [z for z in range(volume.shape[0])
+            if (((volume[z] > low) & (volume[z] != 0)) if prep.modality == "MR" else (volume[z] > low)).any()]
+    return np.asarray(body, dtype=np.int64)
+
+
 def segment_image(image: sitk.Image, model: LoadedModel, *, device: str = "auto", batch_size: int | None = None,
                   largest_component: bool = False, precision: str = "auto", progress: ProgressCallback | None = None,
                   should_cancel: Callable[[], bool] | None = None) -> sitk.Image:
@@ -107,13 +118,14 @@ def segment_image(image: sitk.Image, model: LoadedModel, *, device: str = "auto"
     out_dtype = np.uint8 if max(c.value for c in card.classes) < 256 else np.uint16
     labels = np.zeros(volume.shape, dtype=out_dtype)
 
+    body = body_slice_indices(volume, prep, value_range)  # air-only slices stay background
     start, done = time.perf_counter(), 0
-    report(0.0, f"segmenting {depth} slices on {device} ({compute})")
-    while done < depth:
+    report(0.0, f"segmenting {len(body)} of {depth} slices on {device} ({compute})")
+    while done < len(body):
         if cancelled():
             raise Cancelled("segmentation cancelled")
-        stop = min(depth, done + batch)
-        slices = torch.from_numpy(normalize_intensity(volume[done:stop], prep, value_range))
+        stop = min(len(body), done + batch)
+        slices = torch.from_numpy(normalize_intensity(volume[body[done:stop]], prep, value_range))
         try:
             class_index = _predict_batch(net, slices, theta, (spacing_y, spacing_x), prep, device, precision)
         except torch.cuda.OutOfMemoryError as exc:
@@ -127,10 +139,10 @@ def segment_image(image: sitk.Image, model: LoadedModel, *, device: str = "auto"
             else:  # already on the CPU with one slice: retrying would loop forever
                 raise SAMedError("out of memory even for one slice on the CPU") from exc
             continue
-        labels[done:stop] = values[class_index.cpu()].numpy().astype(out_dtype)
+        labels[body[done:stop]] = values[class_index.cpu()].numpy().astype(out_dtype)
         done = stop
         elapsed = time.perf_counter() - start
-        report(done / depth, f"slice {done}/{depth}, {elapsed / done:.2f} s/slice")
+        report(done / len(body), f"slice {done}/{len(body)}, {elapsed / done:.2f} s/slice")
 
     if largest_component:
         labels = keep_largest_component(labels, [c.value for c in card.classes])
