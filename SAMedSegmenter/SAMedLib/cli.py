@@ -88,6 +88,10 @@ def _cohort_mode(args) -> bool:
         raise CohortError("--seg-nrrd needs a file name with --output (or use --output-dir)")
     if args.overwrite:
         raise CohortError("--overwrite is for --output-dir runs (--output always overwrites)")
+    if args.statistics:
+        from .statistics import check_statistics_path
+
+        check_statistics_path(args.statistics)  # before minutes of work
     args.input = args.inputs[0]
     return False
 
