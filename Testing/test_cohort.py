@@ -349,3 +349,38 @@ def test_torchrun_two_cpu_processes_write_the_same_bytes(first_run, tiny_checkpo
     assert names == sorted(p.name for p in single_out.iterdir())
     for name in names:
         assert (out / name).read_bytes() == (single_out / name).read_bytes(), name
+
+
+# --------------------------------------------------------------------------- torch.compile fallback
+
+
+def test_compiled_encoder_falls_back_to_eager_when_compiling_fails(monkeypatch, caplog):
+    import logging
+
+    import torch
+    from torch import nn
+
+    from SAMedLib.acceleration import compile_encoder
+
+    attempts = []
+
+    def no_compiler(module, **kwargs):  # torch.compile defers the work: it fails at the first call
+        def call(images):
+            attempts.append(images.shape)
+            raise RuntimeError("CppCompileError: C++ compile error\ncommand: cl /O2 ...")
+        return call
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), nn.GELU()).eval()
+    images = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = encoder(images)
+        wrapped = compile_encoder(encoder)
+        with caplog.at_level(logging.WARNING, logger="SAMedLib.acceleration"):
+            first, second = wrapped(images), wrapped(images)
+    assert len(attempts) == 1  # after the first failure the compiled path is not tried again
+    torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second, expected, rtol=1e-5, atol=1e-5)
+    assert [r.getMessage() for r in caplog.records] == [
+        "torch.compile failed (CppCompileError: C++ compile error): running the encoder uncompiled"]

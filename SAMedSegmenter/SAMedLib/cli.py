@@ -86,8 +86,8 @@ def _cohort_mode(args) -> bool:
         raise CohortError("--output FILE (one volume) or --output-dir DIR is required")
     if args.seg_nrrd is True:
         raise CohortError("--seg-nrrd needs a file name with --output (or use --output-dir)")
-    if args.overwrite:
-        raise CohortError("--overwrite is for --output-dir runs (--output always overwrites)")
+    if args.overwrite or args.compile:
+        raise CohortError("--overwrite and --compile are for --output-dir runs")
     if args.statistics:
         from .statistics import check_statistics_path
 
@@ -114,7 +114,15 @@ def cmd_segment_cohort(args) -> int:
         check_statistics_path(args.statistics)
     rank, world, device = distributed_context(resolve_device(args.device))
     cases = discover_cases(args.inputs, args.output_dir, seg_nrrd=bool(args.seg_nrrd))
-    model = ModelSource(args.model, lambda: load_model(args.model, device=device, base_checkpoint=args.base_checkpoint))
+    def load():
+        loaded = load_model(args.model, device=device, base_checkpoint=args.base_checkpoint)
+        if args.compile:
+            from .acceleration import compile_encoder
+
+            loaded.model.image_encoder = compile_encoder(loaded.model.image_encoder)
+        return loaded
+
+    model = ModelSource(args.model, load)
 
     def segment(image, loaded):
         return segment_image(image, loaded, device=device, batch_size=args.batch_size,
@@ -228,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--seg-nrrd", nargs="?", const=True,
                      help="also write a Slicer segmentation: FILE.seg.nrrd with --output, no value with --output-dir")
     seg.add_argument("--overwrite", action="store_true", help="with --output-dir: redo cases that are already done")
+    seg.add_argument("--compile", action="store_true",
+                     help="with --output-dir: torch.compile the encoder once (minutes) for faster slices in long runs; "
+                          "runs uncompiled where compiling fails")
     seg.add_argument("--statistics", metavar="FILE", help="per case and class: voxels, volume (mL), mean/std "
                                                           "intensity, model (.csv or .json)")
     seg.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
