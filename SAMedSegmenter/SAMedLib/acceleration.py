@@ -8,14 +8,16 @@ CUDA, bf16 on such CPUs); ``fp32`` turns reduced precision off everywhere.
 """
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-__all__ = ["PRECISIONS", "autocast", "cpu_has_native_bf16", "prepare_encoder", "precision_name"]
+__all__ = ["PRECISIONS", "autocast", "cpu_has_native_bf16", "prepare_encoder", "precision_name", "compile_encoder"]
 
+log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "fp32")
 
 
@@ -77,3 +79,38 @@ def _fold_batchnorm(module: nn.Module) -> None:
                 setattr(module, name, fused)
                 continue
         _fold_batchnorm(child)
+
+
+class _CompiledOrEager(nn.Module):
+    """The compiled encoder while compiling works; the eager one from the first failure on (no C++ compiler, e.g.
+    Slicer on Windows, or an operation inductor cannot handle). torch.compile only compiles at the first call."""
+
+    _samed_prepared = True  # wraps a prepared encoder: prepare_encoder leaves it alone
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.eager = encoder
+        self.compiled = torch.compile(encoder, dynamic=False)
+        self.failed = False
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if not self.failed:
+            try:
+                return self.compiled(images)
+            except Exception as exc:  # any compiler failure: the eager encoder gives the same result
+                from .errors import one_line
+
+                log.warning("torch.compile failed (%s): running the encoder uncompiled", one_line(exc))
+                self.failed = True
+        return self.eager(images)
+
+
+def compile_encoder(encoder: nn.Module) -> nn.Module:
+    """Prepare ``encoder`` and wrap it in torch.compile (inductor), falling back to eager if compiling fails.
+
+    Worth it for long runs only: compiling takes minutes on a small CPU (``bench/results/cohort.md``).
+    """
+    prepare_encoder(encoder)
+    if not hasattr(torch, "compile"):
+        return encoder
+    return _CompiledOrEager(encoder)

@@ -1,6 +1,7 @@
-"""``samed``: the command-line interface (segment, evaluate, train, info, import-samed).
+"""``samed``: the command-line interface (segment, statistics, evaluate, train, info, import-samed).
 
 Bad input ends with a one-line ``samed: error: ...`` message and exit status 2, never a traceback.
+A cohort run (``segment`` with ``--output-dir``) exits 1 when some cases failed (listed in failures.csv).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 __all__ = ["main"]
 
 EXIT_BAD_INPUT = 2
+EXIT_SOME_CASES_FAILED = 1
 EXIT_CANCELLED = 130
 PRECISION_HELP = "auto: fp16 on CUDA, bf16 on CPUs with native bf16 (AVX512-BF16/AMX), else fp32; fp32: always fp32"
 
@@ -41,6 +43,8 @@ def _json_safe(value):
 
 
 def cmd_segment(args) -> int:
+    if _cohort_mode(args):
+        return cmd_segment_cohort(args)
     from .checkpoint import load_model
     from .inference import resolve_device, segment_image
     from .segfile import write_seg_nrrd
@@ -61,7 +65,92 @@ def cmd_segment(args) -> int:
     write_image(labels, args.output)
     if args.seg_nrrd:
         write_seg_nrrd(labels, model.card.classes, args.seg_nrrd)
+    if args.statistics:
+        _write_single_statistics(args, image, labels, model)
     print(f"wrote {args.output}" + (f" and {args.seg_nrrd}" if args.seg_nrrd else ""), file=sys.stderr)
+    return 0
+
+
+def _cohort_mode(args) -> bool:
+    """``--output-dir`` (any number of cases) or ``--output`` (exactly one volume, the original form)."""
+    from .cohort import CohortError, is_single_volume
+
+    if args.output_dir and args.output:
+        raise CohortError("give either --output (one volume) or --output-dir (one or more cases), not both")
+    if args.output_dir:
+        if isinstance(args.seg_nrrd, str):
+            raise CohortError("with --output-dir, --seg-nrrd takes no file name (it writes DIR/<case>.seg.nrrd)")
+        return True
+    if len(args.inputs) > 1 or not is_single_volume(args.inputs[0]):
+        raise CohortError("--output-dir DIR is required for more than one case")
+    if not args.output:
+        raise CohortError("--output FILE (one volume) or --output-dir DIR is required")
+    if args.seg_nrrd is True:
+        raise CohortError("--seg-nrrd needs a file name with --output (or use --output-dir)")
+    if args.overwrite or args.compile:
+        raise CohortError("--overwrite and --compile are for --output-dir runs")
+    if args.statistics:
+        from .statistics import check_statistics_path
+
+        check_statistics_path(args.statistics)  # before minutes of work
+    args.input = args.inputs[0]
+    return False
+
+
+def _write_single_statistics(args, image, labels, model) -> None:
+    from .cohort import case_id
+    from .statistics import label_statistics, write_statistics
+
+    write_statistics(label_statistics(image, labels, model.card.classes, case_id(args.input), Path(args.model).name),
+                     args.statistics)
+
+
+def cmd_segment_cohort(args) -> int:
+    from .checkpoint import load_model
+    from .cohort import ModelSource, close_distributed, discover_cases, distributed_context, run_cohort
+    from .inference import resolve_device, segment_image
+    from .statistics import check_statistics_path, write_statistics
+
+    if args.statistics:
+        check_statistics_path(args.statistics)
+    rank, world, device = distributed_context(resolve_device(args.device))
+    cases = discover_cases(args.inputs, args.output_dir, seg_nrrd=bool(args.seg_nrrd))
+    def load():
+        loaded = load_model(args.model, device=device, base_checkpoint=args.base_checkpoint)
+        if args.compile:
+            from .acceleration import compile_encoder
+
+            loaded.model.image_encoder = compile_encoder(loaded.model.image_encoder)
+        return loaded
+
+    model = ModelSource(args.model, load)
+
+    def segment(image, loaded):
+        return segment_image(image, loaded, device=device, batch_size=args.batch_size,
+                             largest_component=args.largest_component, precision=args.precision)
+
+    result = run_cohort(cases, model, segment, output_dir=args.output_dir, overwrite=args.overwrite,
+                        statistics=bool(args.statistics), rank=rank, world=world, progress=not args.quiet)
+    if rank == 0:
+        if args.statistics:
+            write_statistics(result.statistics, args.statistics)
+        print(f"{len(result.done)} segmented, {len(result.skipped)} already done, {len(result.failures)} failed"
+              + (f" (see {Path(args.output_dir) / 'failures.csv'})" if result.failures else ""), file=sys.stderr)
+    close_distributed(world)
+    return EXIT_SOME_CASES_FAILED if result.failures else 0
+
+
+def cmd_statistics(args) -> int:
+    from .classes import parse_class_list
+    from .statistics import check_statistics_path, statistics_csv, statistics_for_files, write_statistics
+
+    if args.output:
+        check_statistics_path(args.output)
+    rows = statistics_for_files(args.image, args.labels, parse_class_list(args.classes), model=args.model or "")
+    if args.output:
+        write_statistics(rows, args.output)
+    else:
+        print(statistics_csv(rows), end="")
     return 0
 
 
@@ -137,11 +226,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="show warnings and debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    seg = sub.add_parser("segment", help="segment a volume with a fine-tuned model")
-    seg.add_argument("input", help="NIfTI/NRRD/MHA file or DICOM series folder")
+    seg = sub.add_parser("segment", help="segment a volume, or a cohort of them, with a fine-tuned model")
+    seg.add_argument("inputs", nargs="+", metavar="input",
+                     help="NIfTI/NRRD/MHA file or DICOM series folder; with --output-dir also several of them, "
+                          "folders of cases (one per file or series subfolder) or a CSV with an 'image' column "
+                          "(optional 'id', 'output')")
     seg.add_argument("--model", required=True, help="fine-tuned .safetensors checkpoint")
-    seg.add_argument("--output", required=True, help="label map to write (.nii.gz, .nii, .nrrd, .mha)")
-    seg.add_argument("--seg-nrrd", help="also write a Slicer segmentation (.seg.nrrd)")
+    seg.add_argument("--output", help="label map to write (.nii.gz, .nii, .nrrd, .mha) for one volume")
+    seg.add_argument("--output-dir", help="folder for DIR/<case>.nii.gz (+ .seg.nrrd), failures.csv; cases whose "
+                                          "outputs exist are skipped. Under torchrun the cases are shared out")
+    seg.add_argument("--seg-nrrd", nargs="?", const=True,
+                     help="also write a Slicer segmentation: FILE.seg.nrrd with --output, no value with --output-dir")
+    seg.add_argument("--overwrite", action="store_true", help="with --output-dir: redo cases that are already done")
+    seg.add_argument("--compile", action="store_true",
+                     help="with --output-dir: torch.compile the encoder once (minutes) for faster slices in long runs; "
+                          "runs uncompiled where compiling fails")
+    seg.add_argument("--statistics", metavar="FILE", help="per case and class: voxels, volume (mL), mean/std "
+                                                          "intensity, model (.csv or .json)")
     seg.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
     seg.add_argument("--batch-size", type=int, default=None, help="slices per forward pass (default 16 CUDA / 4 MPS / 1 CPU)")
     seg.add_argument("--largest-component", action="store_true",
@@ -153,6 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--base-checkpoint", help="official SAM checkpoint, for models fine-tuned from sam_vit_*")
     seg.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     seg.set_defaults(func=cmd_segment)
+
+    st = sub.add_parser("statistics", help="per-class voxels, volume (mL), mean/std intensity of a label map")
+    st.add_argument("--image", required=True, help="the image the intensities come from")
+    st.add_argument("--labels", required=True, help="label map (resampled onto the image in physical space)")
+    st.add_argument("--classes", required=True, help="VALUE:NAME,... e.g. 1:spleen,5:liver")
+    st.add_argument("--model", help="name to put in the model column")
+    st.add_argument("--output", help=".csv or .json file (default: CSV on stdout)")
+    st.set_defaults(func=cmd_statistics)
 
     ev = sub.add_parser("evaluate", help="Dice and HD95 (mm) of a prediction against a reference label map")
     ev.add_argument("--prediction", required=True)
@@ -231,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         import warnings
 
         warnings.filterwarnings("ignore", category=FutureWarning)  # timm's deprecation notices
-    from .errors import SAMedError
+    from .errors import SAMedError, one_line
     from .inference import Cancelled
 
     try:
@@ -240,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         print("samed: cancelled", file=sys.stderr)
         return EXIT_CANCELLED
     except (SAMedError, ValueError, FileNotFoundError) as exc:
-        return _fail(str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__)
+        return _fail(one_line(exc))
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ from .refinement import refine_logits
 from .preprocessing import from_model_grid, intensity_range, model_input, normalize_intensity, slice_to_model_theta
 from .volume_io import to_canonical, validate_volume
 
-__all__ = ["segment_image", "resolve_device", "Cancelled", "ProgressCallback",
-           "default_batch_size"]
+__all__ = ["segment_image", "resolve_device", "Cancelled", "ProgressCallback", "default_batch_size",
+           "body_slice_indices"]
 
 log = logging.getLogger(__name__)
 ProgressCallback = Callable[[float, str], None]
@@ -57,6 +57,17 @@ def default_batch_size(device: str) -> int:
     # CPU: one slice at a time was both faster and leaner than 4 (bench/results/inference.md:
     # 0.61 vs 0.71 s/slice, 245 vs 631 MB above the model on the 512x512 DICOM series).
     return 16 if device.startswith("cuda") else 4 if device == "mps" else 1
+
+
+def body_slice_indices(volume: np.ndarray, prep, value_range: tuple[float, float]) -> np.ndarray:
+    """Indices of the axial slices (``volume[z]``) that hold anything inside the intensity window.
+
+    The others are air only: their model input is exactly zero, so they skip the encoder and are background.
+    """
+    low = value_range[0]
+    body = [z for z in range(volume.shape[0])
+            if (((volume[z] > low) & (volume[z] != 0)) if prep.modality == "MR" else (volume[z] > low)).any()]
+    return np.asarray(body, dtype=np.int64)
 
 
 def segment_image(image: sitk.Image, model: LoadedModel, *, device: str = "auto", batch_size: int | None = None,
@@ -117,13 +128,14 @@ def segment_image(image: sitk.Image, model: LoadedModel, *, device: str = "auto"
     confidence = np.zeros(volume.shape, dtype=np.uint8) if with_confidence else None
     predictor = SlicePredictor(net, theta, (spacing_y, spacing_x), prep, precision, decoder, post, with_confidence)
 
+    body = body_slice_indices(volume, prep, value_range)  # air-only slices stay background
     start, done = time.perf_counter(), 0
-    report(0.0, f"segmenting {depth} slices on {device} ({compute})")
-    while done < depth:
+    report(0.0, f"segmenting {len(body)} of {depth} slices on {device} ({compute})")
+    while done < len(body):
         if cancelled():
             raise Cancelled("segmentation cancelled")
-        stop = min(depth, done + batch)
-        slices = torch.from_numpy(normalize_intensity(volume[done:stop], prep, value_range))
+        stop = min(len(body), done + batch)
+        slices = torch.from_numpy(normalize_intensity(volume[body[done:stop]], prep, value_range))
         try:
             class_index, probability = predictor(slices, device)
         except torch.cuda.OutOfMemoryError as exc:
@@ -138,12 +150,12 @@ def segment_image(image: sitk.Image, model: LoadedModel, *, device: str = "auto"
             else:  # already on the CPU with one slice: retrying would loop forever
                 raise SAMedError("out of memory even for one slice on the CPU") from exc
             continue
-        labels[done:stop] = values[class_index.cpu()].numpy().astype(out_dtype)
+        labels[body[done:stop]] = values[class_index.cpu()].numpy().astype(out_dtype)
         if confidence is not None:
-            confidence[done:stop] = (255 * probability.cpu().numpy()).round().astype(np.uint8)
+            confidence[body[done:stop]] = (255 * probability.cpu().numpy()).round().astype(np.uint8)
         done = stop
         elapsed = time.perf_counter() - start
-        report(done / depth, f"slice {done}/{depth}, {elapsed / done:.2f} s/slice")
+        report(done / len(body), f"slice {done}/{len(body)}, {elapsed / done:.2f} s/slice")
 
     labels = clean_labels(labels, confidence, [c.value for c in card.classes], canonical.GetSpacing()[::-1],
                           post.cleanup)

@@ -40,7 +40,7 @@ from .preprocessing import gaussian_blur, model_input, slice_to_model_theta, to_
 from .schedule import learning_rate
 from .training_data import TrainingVolume, load_training_pair, select_slices
 
-__all__ = ["TrainConfig", "TrainingResult", "train", "default_mode"]
+__all__ = ["TrainConfig", "TrainingResult", "train", "default_mode", "init_distributed"]
 
 
 def default_mode(device: str) -> str:
@@ -188,7 +188,7 @@ def _train(config: TrainConfig, progress, progress_json: bool, stop: _StopFlag) 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     device = resolve_device(config.device)
     if distributed:
-        rank, world = _init_distributed(device)
+        rank, world = init_distributed(device)
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(device)
@@ -441,7 +441,8 @@ def _check_config(config: TrainConfig) -> None:
         raise SAMedError(f"output must be a .safetensors file, got {config.output}")
 
 
-def _init_distributed(device: str) -> tuple[int, int]:
+def init_distributed(device: str) -> tuple[int, int]:
+    """(rank, world size) of this torchrun process; the process group is made once (NCCL on CUDA, else gloo)."""
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return dist.get_rank(), dist.get_world_size()

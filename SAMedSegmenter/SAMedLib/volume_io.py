@@ -37,12 +37,14 @@ __all__ = [
     "resample_to_reference",
     "write_image",
     "atomic_output_path",
+    "remove_stale_temporaries",
     "WRITABLE_EXTENSIONS",
 ]
 
 # Single-file formats only: .mhd/.nhdr write a second data file, which a rename of the
 # header alone could not make atomic.
 WRITABLE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
+_TOKEN_LENGTH = 8  # random part of a temporary output's name
 
 
 class VolumeError(SAMedError, ValueError):
@@ -267,16 +269,37 @@ def atomic_output_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    ext = _image_extension(final)
-    stem = final.name[: len(final.name) - len(ext)] if ext else final.name
-    # Keep the real extension last: SimpleITK chooses the writer from it.
-    tmp = final.with_name(f".{stem}.tmp-{uuid.uuid4().hex[:8]}{ext}")
+    tmp = _temporary_path(final, uuid.uuid4().hex[:_TOKEN_LENGTH])
     try:
         yield tmp
         os.replace(tmp, final)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _temporary_parts(final: Path) -> tuple[str, str]:
+    ext = _image_extension(final)
+    stem = final.name[: len(final.name) - len(ext)] if ext else final.name
+    # Keep the real extension last: SimpleITK chooses the writer from it.
+    return f".{stem}.tmp-", ext
+
+
+def _temporary_path(final: Path, token: str) -> Path:
+    prefix, ext = _temporary_parts(final)
+    return final.with_name(f"{prefix}{token}{ext}")
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> None:
+    """Delete temporary files that a killed writer of ``path`` left behind (``atomic_output_path``'s names)."""
+    final = Path(path)
+    prefix, ext = _temporary_parts(final)
+    if not final.parent.is_dir():
+        return
+    for entry in final.parent.iterdir():
+        name = entry.name
+        if name.startswith(prefix) and name.endswith(ext) and len(name) == len(prefix) + _TOKEN_LENGTH + len(ext):
+            entry.unlink(missing_ok=True)
 
 
 def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
