@@ -318,9 +318,9 @@ def test_air_slice_skip_leaves_labels_unchanged_on_a_real_scan(shared_data, tiny
     image = image_from(padded, spacing=(3.0, 3.0, 3.0))
     model = load_model(tiny_checkpoint)
     calls = []
-    real_predict = inference_module._predict_batch
-    monkeypatch.setattr(inference_module, "_predict_batch", lambda net, slices, *a: calls.append(len(slices))
-                        or real_predict(net, slices, *a))
+    real_predict = inference_module.SlicePredictor.__call__
+    monkeypatch.setattr(inference_module.SlicePredictor, "__call__",
+                        lambda self, slices, *a: calls.append(len(slices)) or real_predict(self, slices, *a))
     skipped = sitk.GetArrayFromImage(segment_image(image, model, device="cpu"))
     assert sum(calls) == 4  # the two air slices never reached the model
     monkeypatch.setattr(inference_module, "body_slice_indices", lambda volume, *a: np.arange(volume.shape[0]))
