@@ -23,7 +23,7 @@ from SAMedLib.classes import SegmentClass
 from SAMedLib.model_registry import list_models, read_card
 from SAMedMRML.segmentations import labelmap_to_segmentation
 from SAMedMRML.volumes import volume_to_sitk
-from SAMedTrainerLib.process import process_group_options
+from SAMedTrainerLib.process import TrainingProcess, process_group_options
 from SAMedTrainerLib.trainer_logic import (TrainerLogic, TrainingClass, TrainingCurves, TrainingFailed,
                                            TrainingInputError, TrainingOptions, TrainingStopped, build_train_command,
                                            derive_classes, parse_progress_line, unique_model_path)
@@ -302,6 +302,26 @@ def test_stop_kills_a_trainer_that_ignores_sigterm(mrml, two_pairs, tmp_path, mo
     assert os.listdir(logic.workRoot) == []
 
 
+def test_stop_without_signals_still_ends_with_the_trainers_clean_checkpoint(mrml, two_pairs, tmp_path, models_home,
+                                                                            monkeypatch):
+    """Windows inside Slicer: no console, so CTRL_BREAK reaches nobody. Stop must still end with the trainer's own
+    clean stop (its ``stopped`` event and checkpoint), through the stop file, not with the kill after the timeout."""
+    monkeypatch.setattr(TrainingProcess, "send_stop_signals", lambda self: None)
+    pairs, _ = two_pairs
+    logic = _logic(tmp_path, mode="slow")
+    progress, seen, run_pids = _stopping_run(logic, tmp_path, None, at_iteration=5)
+    with pytest.raises(TrainingStopped) as info:
+        logic.train(pairs, None, TrainingOptions(model_name="stopped", iterations=3, stop_timeout=20.0),
+                    progress=progress)
+    stop_file = Path(logic.lastCommand[logic.lastCommand.index("--stop-file") + 1])
+    assert stop_file.parent.parent == Path(logic.workRoot) and not stop_file.parent.exists()  # private, removed
+    assert [e["event"] for e in seen].count("stopped") == 1, logic.lastStderr
+    assert not any("did not stop within" in e.get("message", "") for e in seen)
+    assert info.value.checkpoint == models_home / "stopped.safetensors" and info.value.checkpoint.is_file()
+    assert info.value.iteration is not None and 4 <= info.value.iteration < 50
+    assert _processes_of_run(str(tmp_path), run_pids()) == []
+
+
 def test_trainer_tree_gets_a_process_group_of_its_own():
     """POSIX: a new session (killpg reaches the launcher's children). Windows: a new process group (CTRL_BREAK
     reaches it) and no console window; the values are Windows' documented CREATE_* flags."""
@@ -367,7 +387,8 @@ def test_build_train_command_options(tmp_path):
     options = TrainingOptions(base="sam_vit_b", base_checkpoint="/w/sam_vit_b_01ec64.pth", mode="frozen",
                               head="autosam_vit", iterations=50, learning_rate=5e-4, batch_size=2, device="cuda")
     cmd = build_train_command("/py", [Path("/a/i1.nrrd"), Path("/a/i2.nrrd")], [Path("/a/l1.nrrd"), Path("/a/l2.nrrd")],
-                              classes, options, Path("/m/out.safetensors"), (Path("/a/vi.nrrd"), Path("/a/vl.nrrd")))
+                              classes, options, Path("/m/out.safetensors"), (Path("/a/vi.nrrd"), Path("/a/vl.nrrd")),
+                              stop_file=Path("/a/stop"))
     assert cmd[:4] == ["/py", "-m", "SAMedLib.cli", "train"]
     assert cmd[4:12] == ["--image", "/a/i1.nrrd", "--labels", "/a/l1.nrrd", "--image", "/a/i2.nrrd", "--labels",
                          "/a/l2.nrrd"]
@@ -381,6 +402,7 @@ def test_build_train_command_options(tmp_path):
     assert "--lora-rank" not in cmd  # frozen encoder: no LoRA
     assert float(value("--lr")) == 5e-4 and value("--batch-size") == "2" and value("--device") == "cuda"
     assert value("--output") == "/m/out.safetensors" and cmd[-1] == "--progress-json"
+    assert value("--stop-file") == "/a/stop"
     lora = build_train_command("/py", [Path("i")], [Path("l")], classes, TrainingOptions(lora_rank=8), Path("o"))
     assert lora[lora.index("--lora-rank") + 1] == "8" and "--lr" not in lora and "--batch-size" not in lora
 
