@@ -26,7 +26,9 @@ from SAMedMRML.volumes import volume_to_sitk
 from SAMedTrainerLib.process import TrainingProcess, process_group_options
 from SAMedTrainerLib.trainer_logic import (TrainerLogic, TrainingClass, TrainingCurves, TrainingFailed,
                                            TrainingInputError, TrainingOptions, TrainingStopped, build_train_command,
-                                           derive_classes, parse_progress_line, unique_model_path)
+                                           assign_label_values, derive_classes, parse_progress_line,
+                                           unique_model_path)
+from SAMedTrainerLib.training_classes import to_training_classes
 
 TESTING = Path(__file__).resolve().parent
 SHAPE = (10, 14, 16)
@@ -134,13 +136,21 @@ def test_classes_derived_from_segment_names_across_pairs(two_pairs):
     liver, spleen, kidney = classes
     assert liver.color == (200, 100, 60)
     # codes come from the segments' terminology (written by labelmap_to_segmentation for known organs)...
-    assert (kidney.snomed_code, kidney.laterality) == ("64033007", ("24028007", "Right"))
-    assert spleen.snomed_code == "78961009"
+    assert (kidney.codes.code, kidney.codes.laterality) == ("64033007", ("24028007", "Right"))
+    assert spleen.codes.code == "78961009"
     # ...and a segment with Slicer's placeholder terminology falls back to the organ table by name
     segment = pairs[0][1].GetSegmentation().GetSegment("Liver")
     segment.SetTerminology("Segmentation category and type - 3D Slicer General Anatomy list~SCT^85756007^Tissue~"
                            "SCT^85756007^Tissue~^^~Anatomic codes - DICOM master list~^^~^^")
-    assert derive_classes(pairs)[0].snomed_code == "10200004"
+    assert derive_classes(pairs)[0].codes.code == "10200004"
+
+
+def test_segment_classes_round_trip_through_training_classes():
+    """A model's classes given to train() keep name, colour and codes; only the value is the run's own (1..N)."""
+    given = [SegmentClass.named(4, "kidney_left", (1, 2, 3)), SegmentClass(9, "tumour", (4, 5, 6))]
+    valued = [sc for _, sc in assign_label_values(to_training_classes(given))]
+    assert valued == [SegmentClass.named(1, "kidney_left", (1, 2, 3)), SegmentClass(2, "tumour", (4, 5, 6))]
+    assert valued[0].laterality == ("7771000", "Left")
 
 
 # --------------------------------------------------------------------------- bad input, before anything starts
