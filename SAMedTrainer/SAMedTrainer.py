@@ -308,9 +308,9 @@ class SAMedTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             colorButton.displayColorName = False
             colorButton.color = qt.QColor(*c.color)
             table.setCellWidget(row, CLASS_COLOR_COLUMN, colorButton)
-            code = f"{c.snomed_code} ({c.snomed_meaning})" if c.snomed_code else ""
-            if c.laterality:
-                code += f", {c.laterality[1]}"
+            code = f"{c.codes.code} ({c.codes.meaning})" if c.codes else ""
+            if c.codes and c.codes.laterality:
+                code += f", {c.codes.laterality[1]}"
             for column, text in ((CLASS_CODE_COLUMN, code), (CLASS_SEGMENT_COLUMN, c.segment_name)):
                 item = qt.QTableWidgetItem(text)
                 item.setFlags(qt.Qt.ItemIsEnabled | qt.Qt.ItemIsSelectable)
@@ -327,9 +327,7 @@ class SAMedTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 segment_name=segmentName,
                 name=table.item(row, CLASS_NAME_COLUMN).text().strip(),
                 color=(color.red(), color.green(), color.blue()),
-                snomed_code=getattr(derived, "snomed_code", None),
-                snomed_meaning=getattr(derived, "snomed_meaning", None),
-                laterality=getattr(derived, "laterality", None),
+                codes=getattr(derived, "codes", None),
                 enabled=table.item(row, CLASS_USE_COLUMN).checkState() == qt.Qt.Checked))
         return classes
 
@@ -537,7 +535,7 @@ class SAMedTrainerTest(ScriptedLoadableModuleTest):
             logic.train([(volume, empty)], None, TrainingOptions(iterations=1))
         classes = logic.deriveClasses([(volume, segmentation)])
         self.assertEqual([c.name for c in classes], ["liver"])
-        self.assertEqual(classes[0].snomed_code, "10200004")
+        self.assertEqual(classes[0].codes.code, "10200004")
         self.delayDisplay("Test passed")
 
     def test_ShortTraining(self):

@@ -3,9 +3,9 @@
 Behaviour is chosen with the environment variable FAKE_SAMED_MODE:
 
 * ``ok``: a few iterations, a validation and a checkpoint, then ``done`` (exit 0).
-* ``slow``: iterations every 0.1 s for a long time; on SIGTERM writes the checkpoint, prints
-  ``stopped`` and exits 0 (what the real trainer does).
-* ``ignore_term``: like ``slow`` but ignores SIGTERM (must be killed).
+* ``slow``: iterations every 0.1 s for a long time; on SIGTERM or once the ``--stop-file`` exists
+  writes the checkpoint, prints ``stopped`` and exits 0 (what the real trainer does).
+* ``ignore_term``: like ``slow`` but ignores SIGTERM and the stop file (must be killed).
 * ``fail``: some iterations, then ``{"event": "error"}`` and a traceback on stderr, exit 1.
 * ``crash``: a Python traceback on stderr only, exit 1.
 * ``leave_child``: like ``ok``, but leaves a process behind that holds the output pipes open.
@@ -37,6 +37,7 @@ def main(argv=None) -> int:
     train.add_argument("--output", required=True)
     train.add_argument("--iterations", type=int, default=5)
     train.add_argument("--progress-json", action="store_true")
+    train.add_argument("--stop-file")
     args, unknown = parser.parse_known_args(argv)
 
     record = os.environ.get("FAKE_SAMED_RECORD")
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
     print("loading volumes (plain log line)", flush=True)
     total = args.iterations if mode in ("ok", "fail", "leave_child") else 100000
     for i in range(1, total + 1):
-        if stop["flag"]:
+        if stop["flag"] or (mode != "ignore_term" and args.stop_file and os.path.exists(args.stop_file)):
             checkpoint(i - 1)
             emit({"event": "stopped", "path": args.output, "iteration": i - 1})
             return 0

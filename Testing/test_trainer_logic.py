@@ -23,10 +23,12 @@ from SAMedLib.classes import SegmentClass
 from SAMedLib.model_registry import list_models, read_card
 from SAMedMRML.segmentations import labelmap_to_segmentation
 from SAMedMRML.volumes import volume_to_sitk
-from SAMedTrainerLib.process import process_group_options
+from SAMedTrainerLib.process import TrainingProcess, process_group_options
 from SAMedTrainerLib.trainer_logic import (TrainerLogic, TrainingClass, TrainingCurves, TrainingFailed,
                                            TrainingInputError, TrainingOptions, TrainingStopped, build_train_command,
-                                           derive_classes, parse_progress_line, unique_model_path)
+                                           assign_label_values, derive_classes, parse_progress_line,
+                                           unique_model_path)
+from SAMedTrainerLib.training_classes import to_training_classes
 
 TESTING = Path(__file__).resolve().parent
 SHAPE = (10, 14, 16)
@@ -134,13 +136,21 @@ def test_classes_derived_from_segment_names_across_pairs(two_pairs):
     liver, spleen, kidney = classes
     assert liver.color == (200, 100, 60)
     # codes come from the segments' terminology (written by labelmap_to_segmentation for known organs)...
-    assert (kidney.snomed_code, kidney.laterality) == ("64033007", ("24028007", "Right"))
-    assert spleen.snomed_code == "78961009"
+    assert (kidney.codes.code, kidney.codes.laterality) == ("64033007", ("24028007", "Right"))
+    assert spleen.codes.code == "78961009"
     # ...and a segment with Slicer's placeholder terminology falls back to the organ table by name
     segment = pairs[0][1].GetSegmentation().GetSegment("Liver")
     segment.SetTerminology("Segmentation category and type - 3D Slicer General Anatomy list~SCT^85756007^Tissue~"
                            "SCT^85756007^Tissue~^^~Anatomic codes - DICOM master list~^^~^^")
-    assert derive_classes(pairs)[0].snomed_code == "10200004"
+    assert derive_classes(pairs)[0].codes.code == "10200004"
+
+
+def test_segment_classes_round_trip_through_training_classes():
+    """A model's classes given to train() keep name, colour and codes; only the value is the run's own (1..N)."""
+    given = [SegmentClass.named(4, "kidney_left", (1, 2, 3)), SegmentClass(9, "tumour", (4, 5, 6))]
+    valued = [sc for _, sc in assign_label_values(to_training_classes(given))]
+    assert valued == [SegmentClass.named(1, "kidney_left", (1, 2, 3)), SegmentClass(2, "tumour", (4, 5, 6))]
+    assert valued[0].laterality == ("7771000", "Left")
 
 
 # --------------------------------------------------------------------------- bad input, before anything starts
@@ -266,11 +276,17 @@ def _stopping_run(logic, tmp_path, launcher_new_session, at_iteration: int):
     return progress, seen, run_pids
 
 
+@pytest.mark.parametrize("signals", [pytest.param(True, id="signals"),
+                                     pytest.param(False, id="no-signals")])  # Windows: no console for CTRL_BREAK
 @pytest.mark.parametrize("launcher_new_session", LAUNCHERS)
 def test_stop_ends_the_process_and_reports_the_last_checkpoint(mrml, two_pairs, tmp_path, models_home,
-                                                               launcher_new_session):
+                                                               launcher_new_session, signals, monkeypatch):
     """Inside Slicer the started process is a launcher that forwards no signal: Stop must reach the trainer behind
-    it, and the run ends when the trainer is done (its ``stopped`` event read, nothing left running)."""
+    it, and the run ends when the trainer is done (its ``stopped`` event read, nothing left running). Where no
+    signal reaches the trainer at all (Windows: neither Slicer nor the trainer has a console), the stop file does,
+    and the run still ends with the trainer's own clean stop, not with the kill after ``stop_timeout``."""
+    if not signals:
+        monkeypatch.setattr(TrainingProcess, "send_stop_signals", lambda self: None)
     pairs, _ = two_pairs
     logic = _logic(tmp_path, mode="slow")
     before = scene_snapshot(mrml.scene)
@@ -280,7 +296,10 @@ def test_stop_ends_the_process_and_reports_the_last_checkpoint(mrml, two_pairs, 
     stopped = info.value
     assert stopped.checkpoint == models_home / "stopped.safetensors" and stopped.checkpoint.is_file()
     assert stopped.iteration is not None and 4 <= stopped.iteration < 50
-    assert [e["event"] for e in seen].count("stopped") == 1  # the trainer's own clean stop, read to the end
+    assert [e["event"] for e in seen].count("stopped") == 1, logic.lastStderr  # the trainer's own clean stop
+    assert not any("did not stop within" in e.get("message", "") for e in seen)
+    stop_file = Path(logic.lastCommand[logic.lastCommand.index("--stop-file") + 1])
+    assert stop_file.parent.parent == Path(logic.workRoot)  # in the run's private folder (removed below)
     assert _processes_of_run(str(tmp_path), run_pids()) == []
     assert not logic.isRunning
     assert os.listdir(logic.workRoot) == []
@@ -367,7 +386,8 @@ def test_build_train_command_options(tmp_path):
     options = TrainingOptions(base="sam_vit_b", base_checkpoint="/w/sam_vit_b_01ec64.pth", mode="frozen",
                               head="autosam_vit", iterations=50, learning_rate=5e-4, batch_size=2, device="cuda")
     cmd = build_train_command("/py", [Path("/a/i1.nrrd"), Path("/a/i2.nrrd")], [Path("/a/l1.nrrd"), Path("/a/l2.nrrd")],
-                              classes, options, Path("/m/out.safetensors"), (Path("/a/vi.nrrd"), Path("/a/vl.nrrd")))
+                              classes, options, Path("/m/out.safetensors"), (Path("/a/vi.nrrd"), Path("/a/vl.nrrd")),
+                              stop_file=Path("/a/stop"))
     assert cmd[:4] == ["/py", "-m", "SAMedLib.cli", "train"]
     assert cmd[4:12] == ["--image", "/a/i1.nrrd", "--labels", "/a/l1.nrrd", "--image", "/a/i2.nrrd", "--labels",
                          "/a/l2.nrrd"]
@@ -381,6 +401,7 @@ def test_build_train_command_options(tmp_path):
     assert "--lora-rank" not in cmd  # frozen encoder: no LoRA
     assert float(value("--lr")) == 5e-4 and value("--batch-size") == "2" and value("--device") == "cuda"
     assert value("--output") == "/m/out.safetensors" and cmd[-1] == "--progress-json"
+    assert value("--stop-file") == "/a/stop"
     lora = build_train_command("/py", [Path("i")], [Path("l")], classes, TrainingOptions(lora_rank=8), Path("o"))
     assert lora[lora.index("--lora-rank") + 1] == "8" and "--lr" not in lora and "--batch-size" not in lora
 

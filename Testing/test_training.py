@@ -333,10 +333,41 @@ def test_windows_ctrl_break_stops_training_cleanly(monkeypatch):
     saved = signal.signal(signal.SIGUSR1, previous_handler)
     try:
         monkeypatch.setattr(trainer_module, "_train", stopped_by_the_signal)
-        assert train(None) is True and unhandled == []
+        assert train(TrainConfig(images=[], labels=[], classes=[], output="unused")) is True and unhandled == []
         assert signal.getsignal(signal.SIGUSR1) is previous_handler
     finally:
         signal.signal(signal.SIGUSR1, saved)
+
+
+def test_stop_file_stops_training_cleanly_with_its_final_checkpoint(shared_data, tmp_path, fast_trainer_base):
+    """Slicer's Stop on Windows cannot signal a trainer without a console: the stop file appearing mid-run must end
+    train() exactly as SIGTERM does (final checkpoint at that iteration, ``stopped`` event, resume state)."""
+    out, stop_file = tmp_path / "stopped.safetensors", tmp_path / "stop"
+    config = TrainConfig(images=[str(shared_data / "ct_3mm.nii.gz")], labels=[str(shared_data / "ct_3mm_labels.nii.gz")],
+                         classes=parse_class_list("5:liver"), output=str(out), mode="frozen", head="linear",
+                         iterations=300, batch_size=2, views_per_slice=1, max_labeled_slices=2, background_fraction=0,
+                         device="cpu", stop_file=str(stop_file))
+    events = []
+
+    def progress(event):
+        events.append(event)
+        if event["event"] == "iteration" and event["iteration"] == 3:
+            stop_file.touch()
+
+    result = train(config, progress=progress)  # no stop_flag: the CLI's path, signal handlers installed
+    assert result.iterations_done == 3
+    assert events[-1]["event"] == "stopped" and events[-1]["iteration"] == 3
+    assert read_model_card(out).training["iterations"] == 3  # no validation data: written only by the stop
+    assert torch.load(Path(str(out) + ".resume.pt"), weights_only=True)["iteration"] == 3
+
+
+def test_samed_train_passes_the_stop_file_on(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(trainer_module, "train", lambda config, **_: seen.append(config) or trainer_module.TrainingResult(
+        Path(config.output), {}, 0.0, 0, 0.0, False))
+    cli.main(["train", "--image", "i.nii.gz", "--labels", "l.nii.gz", "--classes", "5:liver", "--output",
+              str(tmp_path / "m.safetensors"), "--stop-file", str(tmp_path / "stop")])
+    assert [c.stop_file for c in seen] == [str(tmp_path / "stop")]
 
 
 # --------------------------------------------------------------------------- bad training input

@@ -27,7 +27,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .classes import ANATOMICAL_STRUCTURE, SegmentClass
-from .volume_io import VolumeError, atomic_output_path, validate_volume
+from .volume_io import VolumeError, read_image_header, validate_volume, write_image
 
 __all__ = ["write_seg_nrrd", "read_seg_nrrd", "read_seg_nrrd_classes", "terminology_entry"]
 
@@ -129,12 +129,7 @@ def write_seg_nrrd(label_image: sitk.Image, classes: Sequence[SegmentClass], pat
     for key, value in meta.items():
         out.SetMetaData(key, value)
 
-    with atomic_output_path(final) as tmp:
-        try:
-            sitk.WriteImage(out, str(tmp), useCompression=True)
-        except RuntimeError as exc:
-            raise VolumeError(f"{final}: cannot write segmentation: {str(exc).splitlines()[-1]}") from exc
-    return final
+    return write_image(out, final)
 
 
 def _parse_tags(text: str) -> dict[str, str]:
@@ -158,12 +153,7 @@ def read_seg_nrrd_classes(path: str | os.PathLike) -> list[tuple[SegmentClass, i
     Only single-layer files are supported (what ``write_seg_nrrd`` and Slicer write for
     non-overlapping segments).
     """
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as exc:
-        raise VolumeError(f"{path}: not a readable NRRD file") from exc
+    reader = read_image_header(path)
     keys = set(reader.GetMetaDataKeys())
     result = []
     i = 0

@@ -83,6 +83,7 @@ class TrainConfig:
     refinement: str = "auto"  # auto: chosen on the validation slices among REFINEMENTS; or one of them
     cleanup: str = "components"  # 3D clean-up recorded in the card (model_card.CLEANUPS)
     resume: bool = False
+    stop_file: str | None = None  # stop cleanly once this file exists (no signal needed, e.g. Windows GUIs)
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
 
@@ -98,13 +99,24 @@ class TrainingResult:
 
 
 class _StopFlag:
-    """Set by SIGINT/SIGTERM (or a caller); the loop checks it between iterations."""
+    """Set by SIGINT/SIGTERM, a caller's flag or the stop file appearing; the loop checks it between iterations.
 
-    def __init__(self):
-        self.stop = False
+    The stop file is the request that needs no signal: a Windows GUI (Slicer) has no console, so its
+    CTRL_BREAK cannot reach the trainer.
+    """
+
+    def __init__(self, stop_file: str | os.PathLike | None = None, caller=None):
+        self.stop_file, self.caller, self._stopped = stop_file, caller, False
+
+    @property
+    def stop(self) -> bool:
+        if not self._stopped:
+            self._stopped = bool((self.caller is not None and self.caller.stop)
+                                 or (self.stop_file and os.path.exists(self.stop_file)))
+        return self._stopped
 
     def __call__(self, *_):
-        self.stop = True
+        self._stopped = True
 
 
 @dataclass
@@ -168,9 +180,10 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None, p
     """Fine-tune and write the best checkpoint (by validation mean Dice) to ``config.output``.
 
     Without a ``stop_flag``, SIGINT/SIGTERM (SIGBREAK on Windows) stop training cleanly (best
-    checkpoint kept) while it runs; the previous handlers are restored afterwards.
+    checkpoint kept) while it runs; the previous handlers are restored afterwards. ``config.stop_file``
+    appearing stops it the same way in every case.
     """
-    stop = stop_flag or _StopFlag()
+    stop = _StopFlag(config.stop_file, stop_flag)
     if stop_flag is not None or not _in_main_thread():
         return _train(config, progress, progress_json, stop)
     # SIGBREAK: Windows delivers the parent's CTRL_BREAK_EVENT (its Stop) as this signal.

@@ -31,6 +31,7 @@ from .errors import SAMedError
 __all__ = [
     "VolumeError",
     "read_volume",
+    "read_image_header",
     "validate_volume",
     "to_canonical",
     "CanonicalRestore",
@@ -117,14 +118,20 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
         raise VolumeError(f"{folder}: cannot read DICOM series ({len(files)} files): {_itk_reason(exc)}") from exc
 
 
-def _read_file(path: Path) -> sitk.Image:
+def read_image_header(path: str | os.PathLike) -> sitk.ImageFileReader:
+    """A reader for ``path`` with its header (size, geometry, metadata) read and no voxels loaded yet."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
-        # Header first: reject 4D/vector files before loading a possibly large pixel buffer.
         reader.ReadImageInformation()
     except RuntimeError as exc:
         raise VolumeError(f"{path}: not a readable image file: {_itk_reason(exc)}") from exc
+    return reader
+
+
+def _read_file(path: Path) -> sitk.Image:
+    # Header first: reject 4D/vector files before loading a possibly large pixel buffer.
+    reader = read_image_header(path)
     dim = reader.GetDimension()
     if dim != 3:
         raise VolumeError(f"{path}: is a {dim}D image (size {'x'.join(map(str, reader.GetSize()))}); "

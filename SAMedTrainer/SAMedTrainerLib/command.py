@@ -44,7 +44,7 @@ class TrainingOptions:
     validation: TrainingPair | tuple | None = None
     register: bool = True
     overwrite: bool = False
-    stop_timeout: float = 60.0  # seconds between SIGTERM and kill
+    stop_timeout: float = 60.0  # seconds between the stop request (stop file, SIGTERM) and kill
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -74,7 +74,7 @@ def check_options(options: TrainingOptions) -> None:
 
 def build_train_command(python: str, images: Sequence[Path], labels: Sequence[Path], classes: Sequence[SegmentClass],
                         options: TrainingOptions, output: Path, validation: tuple[Path, Path] | None = None,
-                        cli_module: str = "SAMedLib.cli") -> list[str]:
+                        cli_module: str = "SAMedLib.cli", stop_file: Path | None = None) -> list[str]:
     """The ``samed train`` command line (``python -m SAMedLib.cli train ... --progress-json``)."""
     command = [python, "-m", cli_module, "train"]
     for image, label in zip(images, labels):
@@ -97,6 +97,8 @@ def build_train_command(python: str, images: Sequence[Path], labels: Sequence[Pa
     command += ["--device", options.device]
     if validation is not None:
         command += ["--val-image", str(validation[0]), "--val-labels", str(validation[1])]
+    if stop_file is not None:
+        command += ["--stop-file", str(stop_file)]
     command += [*options.extra_args, "--output", str(output), "--progress-json"]
     return command
 

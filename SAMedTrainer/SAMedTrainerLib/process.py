@@ -1,4 +1,4 @@
-"""The training process tree: output lines in, clean stop (SIGTERM / CTRL_BREAK) or kill out.
+"""The training process tree: output lines in, clean stop (stop file, then SIGTERM / CTRL_BREAK) or kill out.
 
 No Qt, no MRML: reader threads collect stdout/stderr lines into a queue that the caller drains
 on its own (main) thread.
@@ -13,6 +13,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -44,8 +45,9 @@ class TrainingProcess:
     """
 
     def __init__(self, command: Sequence[str], env: dict | None = None, cwd: str | os.PathLike | None = None,
-                 stderr_tail: int = 60):
+                 stderr_tail: int = 60, stop_file: str | os.PathLike | None = None):
         self.command = list(command)
+        self.stop_file = stop_file  # the command's --stop-file: created by request_stop
         self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace",
                                         bufsize=1, env=env, cwd=cwd, **process_group_options())
@@ -129,8 +131,21 @@ class TrainingProcess:
         return self.streams_closed(0.0) and not self.alive()
 
     def request_stop(self) -> None:
-        """Ask the trainer to stop cleanly (it writes its last checkpoint and exits 0): SIGTERM to the
-        process group (CTRL_BREAK to the process group on Windows, which Python raises as SIGBREAK)."""
+        """Ask the trainer to stop cleanly (it writes its last checkpoint and exits 0): create the stop file,
+        then, as a backup, SIGTERM to the process group (CTRL_BREAK on Windows, raised as SIGBREAK).
+
+        The file comes first because it needs no signal: on Windows CTRL_BREAK reaches only processes that
+        share the sender's console, and neither Slicer's GUI nor the trainer (CREATE_NO_WINDOW) has one.
+        """
+        if self.stop_file is not None:
+            try:
+                Path(self.stop_file).touch()
+            except OSError:  # the signals below still ask, and the caller's kill after its timeout remains
+                pass
+        self.send_stop_signals()
+
+    def send_stop_signals(self) -> None:
+        """SIGTERM to the process group and to members that left it; CTRL_BREAK to the process group on Windows."""
         self.refresh_tree()
         if os.name == "nt":
             _ignore_gone(os.kill, self.pid, signal.CTRL_BREAK_EVENT)

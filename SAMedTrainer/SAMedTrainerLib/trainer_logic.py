@@ -13,8 +13,9 @@
    Python inside Slicer), so the GUI stays responsive and a crash or out-of-memory cannot take
    Slicer down. Each JSON line on its stdout becomes a ``progress(event)`` call on the calling
    thread; other lines arrive as ``{"event": "log", ...}``;
-4. ``stop()`` sends SIGTERM to the trainer's whole process tree (CTRL_BREAK on Windows): the
-   trainer writes its last good checkpoint and exits; if the tree is not gone after
+4. ``stop()`` creates the trainer's stop file (``--stop-file`` in the private folder; the request that
+   works on every platform) and sends SIGTERM to its whole process tree (CTRL_BREAK on Windows) as a
+   backup: the trainer writes its last good checkpoint and exits; if the tree is not gone after
    ``TrainingOptions.stop_timeout`` seconds it is killed. ``train`` then raises
    ``TrainingStopped`` carrying that checkpoint. The run ends when the trainer's output has
    ended and no process of its tree is left (inside Slicer the started process is only the
@@ -187,10 +188,11 @@ class TrainerLogic:
                 raise TrainingStopped(None, None)
 
             (work / "classes.json").write_text(json.dumps([sc.to_dict() for _, sc in valued], indent=1))
+            stop_file = work / "stop"
             command = build_train_command(self.pythonExecutable, images, labels, [sc for _, sc in valued], options,
-                                          output, validation_files, self.cliModule)
+                                          output, validation_files, self.cliModule, stop_file)
             self.lastCommand = command
-            return self._run(command, work, output, options, report, [sc for _, sc in valued])
+            return self._run(command, work, output, options, report, [sc for _, sc in valued], stop_file)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -210,9 +212,9 @@ class TrainerLogic:
         return env
 
     def _run(self, command: list[str], work: Path, output: Path, options: TrainingOptions,
-             report: ProgressCallback, classes: Sequence[SegmentClass] = ()) -> Path:
+             report: ProgressCallback, classes: Sequence[SegmentClass] = (), stop_file: Path | None = None) -> Path:
         state = RunProgress()
-        process = TrainingProcess(command, env=self._environment(), cwd=work)
+        process = TrainingProcess(command, env=self._environment(), cwd=work, stop_file=stop_file)
         self._process = process
         stop_sent_at = None
         leftover_since = None

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from SAMedLib.classes import SegmentClass
-from SAMedMRML.segmentations import parse_terminology
+from SAMedMRML.segmentations import SegmentCodes, parse_terminology
 
 from .pairs import as_pairs, segments_of
 
@@ -15,14 +15,16 @@ __all__ = ["TrainingClass", "normalize_segment_name", "derive_classes", "to_trai
 
 @dataclass
 class TrainingClass:
-    """A class to train: segments named ``segment_name`` (case/space-insensitive) in any pair."""
+    """A class to train: segments named ``segment_name`` (case/space-insensitive) in any pair.
+
+    The user edits name, colour and ``enabled``; the label value is given per run (``assign_label_values``),
+    which turns it into the model's ``SegmentClass``.
+    """
 
     segment_name: str
     name: str
     color: tuple[int, int, int]
-    snomed_code: str | None = None
-    snomed_meaning: str | None = None
-    laterality: tuple[str, str] | None = None
+    codes: SegmentCodes | None = None  # SNOMED CT type (and laterality)
     enabled: bool = True
 
     @property
@@ -49,12 +51,7 @@ def derive_classes(pairs: Sequence) -> list[TrainingClass]:
                 continue
             color = tuple(int(round(255 * max(0.0, min(1.0, c)))) for c in segment.GetColor())
             codes = parse_terminology(segment.GetTerminology()) if segment.HasTerminology() else None
-            if codes is not None:
-                code, meaning, laterality = codes.code, codes.meaning, codes.laterality
-            else:
-                known = SegmentClass.named(1, name)
-                code, meaning, laterality = known.snomed_code, known.snomed_meaning, known.laterality
-            classes[key] = TrainingClass(name, name, color, code, meaning, laterality)
+            classes[key] = TrainingClass(name, name, color, codes or _codes_of(SegmentClass.named(1, name)))
     return list(classes.values())
 
 
@@ -64,7 +61,7 @@ def to_training_classes(classes: Sequence) -> list[TrainingClass]:
         if isinstance(c, TrainingClass):
             out.append(c)
         elif isinstance(c, SegmentClass):
-            out.append(TrainingClass(c.name, c.name, tuple(c.color), c.snomed_code, c.snomed_meaning, c.laterality))
+            out.append(TrainingClass(c.name, c.name, tuple(c.color), _codes_of(c)))
         else:
             raise TypeError(f"classes must be TrainingClass or SegmentClass, got {type(c).__name__}")
     return out
@@ -74,6 +71,12 @@ def assign_label_values(classes: Sequence[TrainingClass]) -> list[tuple[Training
     """Enabled classes with label values 1..N in list order (also the overlap priority order)."""
     out = []
     for value, c in enumerate([c for c in classes if c.enabled], start=1):
-        out.append((c, SegmentClass(value, c.name.strip(), tuple(int(v) for v in c.color), c.snomed_code,
-                                    c.snomed_meaning, c.laterality)))
+        code, meaning, laterality = (c.codes.code, c.codes.meaning, c.codes.laterality) if c.codes else (None,) * 3
+        out.append((c, SegmentClass(value, c.name.strip(), tuple(int(v) for v in c.color), code, meaning, laterality)))
     return out
+
+
+def _codes_of(segment_class: SegmentClass) -> SegmentCodes | None:
+    if not segment_class.snomed_code:
+        return None
+    return SegmentCodes(segment_class.snomed_code, segment_class.snomed_meaning, segment_class.laterality)
