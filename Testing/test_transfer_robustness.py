@@ -12,7 +12,7 @@ from SAMedLib.checkpoint import load_model
 from SAMedLib.cleanup import keep_plausible_components
 from SAMedLib.inference import segment_image
 from SAMedLib.metrics import dice
-from SAMedLib.model_card import Preprocessing
+from SAMedLib.model_card import Postprocessing, Preprocessing
 from SAMedLib.preprocessing import slice_to_model_theta, to_model_grid
 from SAMedLib.prompting import clean_mask, mask_prompt, native_to_model_xy
 from SAMedLib.selftest import untrained_checkpoint
@@ -128,6 +128,23 @@ def test_refinement_sharpens_a_coarse_head_on_real_ct(dicom_slab, coarse_model):
         assert after > before + 0.05, (value, before, after)
         assert after > 0.85, (value, after)
     assert refined.GetMetaData("SAMed_refinement") == "box"
+
+
+def test_refinement_chosen_per_class_keeps_the_head_for_unrefined_classes(dicom_slab, coarse_model):
+    """The card may refine the liver but trust the head for the aorta: the aorta stays exactly the head's."""
+    image, reference = dicom_slab
+    one_slice, one_reference = image[:, :, 1:3], reference[:, :, 1:3]
+    coarse = segment_image(one_slice, coarse_model, device="cpu", refinement="none", cleanup="none")
+    card_post = coarse_model.card.postprocessing
+    coarse_model.card.postprocessing = Postprocessing(refinement="none", refinement_by_class={"liver": "box"})
+    try:
+        mixed = segment_image(one_slice, coarse_model, device="cpu", cleanup="none")
+    finally:
+        coarse_model.card.postprocessing = card_post
+    head_aorta = sitk.GetArrayFromImage(coarse) == AORTA
+    assert np.array_equal(sitk.GetArrayFromImage(mixed) == AORTA, head_aorta)
+    assert _dice(mixed, one_reference, LIVER) > _dice(coarse, one_reference, LIVER) + 0.05
+    assert mixed.GetMetaData("SAMed_refinement") == "liver:box,aorta:none"
 
 
 def test_refinement_reuses_the_embedding_one_encoder_pass_per_slice(dicom_slab, coarse_model):

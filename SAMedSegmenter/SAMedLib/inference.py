@@ -102,11 +102,13 @@ def segment_image(image: sitk.Image, model: LoadedModel, *, device: str = "auto"
         raise SAMedError(f"batch size must be >= 1, got {batch}")
     compute = precision_name(device, precision)  # also rejects an unknown precision before any work
     post = Postprocessing(**{**asdict(card.postprocessing),
-                             **({"refinement": refinement} if refinement is not None else {}),
+                             **({"refinement": refinement, "refinement_by_class": {}} if refinement is not None else {}),
                              **({"cleanup": cleanup} if cleanup is not None else {}),
                              **({"cleanup": "largest"} if largest_component else {})})
-    decoder = model.prompt_decoder if post.refinement != "none" else None
-    if post.refinement != "none" and decoder is None:
+    refinements = post.class_refinements([c.name for c in card.classes])
+    refined = any(choice != "none" for choice in refinements)
+    decoder = model.prompt_decoder if refined else None
+    if refined and decoder is None:
         raise SAMedError("refinement needs the base model's prompt decoder (load the model with load_model)")
     net = model.model.to(device).eval()
     if decoder is not None:
@@ -126,7 +128,8 @@ def segment_image(image: sitk.Image, model: LoadedModel, *, device: str = "auto"
     labels = np.zeros(volume.shape, dtype=out_dtype)
     with_confidence = post.cleanup == "components" or return_confidence
     confidence = np.zeros(volume.shape, dtype=np.uint8) if with_confidence else None
-    predictor = SlicePredictor(net, theta, (spacing_y, spacing_x), prep, precision, decoder, post, with_confidence)
+    predictor = SlicePredictor(net, theta, (spacing_y, spacing_x), prep, precision, decoder, post, refinements,
+                                with_confidence)
 
     body = body_slice_indices(volume, prep, value_range)  # air-only slices stay background
     start, done = time.perf_counter(), 0
@@ -163,7 +166,7 @@ def segment_image(image: sitk.Image, model: LoadedModel, *, device: str = "auto"
     result.CopyInformation(canonical)
     result = restore(result)
     result.SetMetaData("SAMed_model", str(model.path.name if model.path else "in-memory"))
-    result.SetMetaData("SAMed_refinement", post.refinement)
+    result.SetMetaData("SAMed_refinement", ",".join(f"{c.name}:{r}" for c, r in zip(card.classes, refinements)))
     result.SetMetaData("SAMed_cleanup", post.cleanup)
     result.SetMetaData("SAMed_largest_component", "1" if post.cleanup == "largest" else "0")
     if not return_confidence:
@@ -181,9 +184,11 @@ class SlicePredictor:
     """
 
     def __init__(self, net: torch.nn.Module, theta: torch.Tensor, spacing_yx: tuple[float, float], prep,
-                 precision: str, decoder: PromptDecoder | None, post: Postprocessing, with_confidence: bool):
+                 precision: str, decoder: PromptDecoder | None, post: Postprocessing, refinements: list[str],
+                 with_confidence: bool):
         self.net, self.theta, self.spacing_yx, self.prep = net, theta, spacing_yx, prep
-        self.precision, self.decoder, self.post, self.with_confidence = precision, decoder, post, with_confidence
+        self.precision, self.decoder, self.post = precision, decoder, post
+        self.refinements, self.with_confidence = refinements, with_confidence
 
     def to(self, device: str) -> "SlicePredictor":
         self.net.to(device)
@@ -209,7 +214,7 @@ class SlicePredictor:
                 else:
                     embeddings = self.net.image_encoder(inputs)
                     logits = self.net.head(embeddings).float()
-                    final = refine_logits(logits, embeddings, self.decoder, self.post.refinement,
+                    final = refine_logits(logits, embeddings, self.decoder, self.refinements,
                                           self.margin_px(width, logits.shape[-1]))
             native, inside = from_model_grid(final, theta, (height, width))
             index = native.argmax(dim=1)

@@ -63,14 +63,22 @@ class Postprocessing:
     # Self-prompted refinement: each class's coarse mask on a slice gives a box (+ a point) that prompts the
     # base model's pretrained decoder, which draws the boundary. Chosen at training time on validation slices.
     refinement: str = "none"
+    # Per class name, a choice that overrides ``refinement`` (the decoder helps compact organs more than thin
+    # vessels: chosen class by class on the validation slices). Classes not named use ``refinement``.
+    refinement_by_class: dict[str, str] = field(default_factory=dict)
     box_margin_mm: float = 8.0  # the head under-segments: a box grown by ~6-13 mm beat a tight one (probe)
     # 3D clean-up of each class: "components" keeps plausible components (size x confidence, z-continuity),
     # "largest" keeps only the largest component, "none" keeps everything.
     cleanup: str = "none"
 
+    def class_refinements(self, class_names: list[str]) -> list[str]:
+        """The refinement of each class, in class order."""
+        return [self.refinement_by_class.get(name, self.refinement) for name in class_names]
+
     def __post_init__(self):
-        if self.refinement not in REFINEMENTS:
-            raise ValueError(f"refinement must be one of {', '.join(REFINEMENTS)}, got '{self.refinement}'")
+        for choice in (self.refinement, *self.refinement_by_class.values()):
+            if choice not in REFINEMENTS:
+                raise ValueError(f"refinement must be one of {', '.join(REFINEMENTS)}, got '{choice}'")
         if self.cleanup not in CLEANUPS:
             raise ValueError(f"cleanup must be one of {', '.join(CLEANUPS)}, got '{self.cleanup}'")
         if self.box_margin_mm < 0:

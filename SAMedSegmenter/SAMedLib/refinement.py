@@ -12,29 +12,40 @@ import torch
 
 from .prompting import PromptDecoder, mask_prompt
 
-__all__ = ["refine_logits", "ABSENT_LOGIT"]
+__all__ = ["refine_logits", "ABSENT_LOGIT", "KEPT_LOGIT"]
 
 ABSENT_LOGIT = -1.0e4  # a class with no prompt on a slice is absent from it
+KEPT_LOGIT = 1.0e3  # a class that is not refined keeps the head's pixels
 
 
-def refine_logits(head_logits: torch.Tensor, embeddings: torch.Tensor, decoder: PromptDecoder, refinement: str,
-                  margin_px: float) -> torch.Tensor:
-    """(B,C+1,s,s) head logits + (B,E,h,w) embeddings -> (B,C+1,s,s) logits from the prompted decoder.
+def refine_logits(head_logits: torch.Tensor, embeddings: torch.Tensor, decoder: PromptDecoder,
+                  refinements: list[str], margin_px: float) -> torch.Tensor:
+    """(B,C+1,s,s) head logits + (B,E,h,w) embeddings -> (B,C+1,s,s) logits after refinement.
 
-    Background is 0, so after the usual argmax a pixel belongs to the class whose decoder logit is largest
-    and positive. ``margin_px`` grows each box on the mask grid (s x s).
+    ``refinements`` holds each foreground class's choice (``none``, ``box`` or ``box+point``). Refined classes
+    get the prompted decoder's logits; a class left as ``none`` keeps the head's own pixels, which win over
+    any decoder mask there (the head is trusted for it). Background is 0, so after the usual argmax a pixel
+    belongs to the class whose logit is largest and positive. ``margin_px`` grows each box on the mask grid.
     """
     batch, channels, size, _ = head_logits.shape
+    if len(refinements) != channels - 1:
+        raise ValueError(f"need one refinement per class: got {len(refinements)} for {channels - 1} classes")
     if decoder.mask_size != size:
         raise ValueError(f"decoder masks are {decoder.mask_size}px, head logits {size}px: not the same model grid")
-    coarse = head_logits.argmax(dim=1).cpu().numpy()
+    coarse_index = head_logits.argmax(dim=1)
+    coarse = coarse_index.cpu().numpy()
     scale = decoder.input_size / size
     refined = torch.full((batch, channels, size, size), ABSENT_LOGIT, device=head_logits.device)
     refined[:, 0] = 0.0
+    for c, choice in enumerate(refinements, start=1):
+        if choice == "none":
+            refined[:, c][coarse_index == c] = KEPT_LOGIT
     for b in range(batch):
         classes, prompts = [], []
-        for c in range(1, channels):
-            prompt = mask_prompt(coarse[b] == c, scale, margin=margin_px, with_point=refinement == "box+point")
+        for c, choice in enumerate(refinements, start=1):
+            if choice == "none":
+                continue
+            prompt = mask_prompt(coarse[b] == c, scale, margin=margin_px, with_point=choice == "box+point")
             if prompt is not None:
                 classes.append(c)
                 prompts.append(prompt)

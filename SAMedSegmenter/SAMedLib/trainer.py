@@ -391,20 +391,23 @@ def _train(config: TrainConfig, progress, progress_json: bool, stop: _StopFlag) 
 
 def _choose_postprocessing(config: TrainConfig, model: SAMedModel, backbone, val_views: _Views | None, mode: str,
                            device: str, target_size: int, report) -> Postprocessing:
-    """The card's post-processing: refinement chosen on the validation slices (mean Dice of each choice,
-    ``none`` unless another is better by at least 0.005); without validation slices ``box``, the choice
-    that won on the self-prompting probe (shared/notes). The 3D clean-up is the configured one."""
+    """The card's post-processing. Refinement is chosen class by class on the validation slices (each class's
+    Dice with each choice; ``none`` unless another beats it by at least 0.01); without validation slices it is
+    ``box`` for every class, the choice that won on the self-prompting probe (shared notes). The 3D clean-up is
+    the configured one."""
     post = Postprocessing(cleanup=config.cleanup)
     if config.refinement != "auto":
         post.refinement = config.refinement
         return post
+    post.refinement = "box"
     if val_views is None:
-        post.refinement = "box"
         return post
     decoder = PromptDecoder(backbone.prompt_encoder, backbone.mask_decoder).to(device)
     mm_per_pixel = (config.preprocessing.pixel_spacing_mm * backbone.input_size / target_size
                     if config.preprocessing.inplane == "spacing" else None)
-    scores = {}
+    margin = post.box_margin_mm / mm_per_pixel if mm_per_pixel else 0.0
+    names = [c.name for c in config.classes]
+    dice = {}
     with torch.no_grad():
         for choice in REFINEMENTS:
             logits = []
@@ -413,14 +416,15 @@ def _choose_postprocessing(config: TrainConfig, model: SAMedModel, backbone, val
                 embeddings = batch if mode == "frozen" else model.image_encoder(batch)
                 head_logits = model.head(embeddings).float()
                 if choice != "none":
-                    margin = post.box_margin_mm / mm_per_pixel if mm_per_pixel else 0.0
-                    head_logits = refine_logits(head_logits, embeddings, decoder, choice, margin)
+                    head_logits = refine_logits(head_logits, embeddings, decoder, [choice] * len(names), margin)
                 logits.append(head_logits.cpu())
-            dice = _dice_per_class(torch.cat(logits), val_views.targets, len(config.classes))
-            scores[choice] = float(np.nanmean(dice)) if np.isfinite(dice).any() else 0.0
-    best = max(REFINEMENTS, key=lambda c: scores[c] - (0.005 if c != "none" else 0.0))
-    post.refinement = best
-    report({"event": "refinement", "chosen": best, "validation_mean_dice": {k: round(v, 4) for k, v in scores.items()}})
+            dice[choice] = _dice_per_class(torch.cat(logits), val_views.targets, len(names))
+    for k, name in enumerate(names):
+        scores = {choice: (-1.0 if np.isnan(d[k]) else float(d[k])) for choice, d in dice.items()}
+        post.refinement_by_class[name] = max(REFINEMENTS, key=lambda c: scores[c] - (0.01 if c != "none" else 0.0))
+    report({"event": "refinement", "chosen": dict(post.refinement_by_class),
+            "validation_dice": {choice: {n: (None if np.isnan(v) else round(float(v), 4)) for n, v in zip(names, d)}
+                                for choice, d in dice.items()}})
     return post
 
 
