@@ -51,7 +51,7 @@ def test_progress_on_a_terminal_is_a_tqdm_bar():
     bar.update_to(50, "50/200, loss 0.4000")
     bar.close()
     text = terminal.getvalue()
-    assert "\r" in text and "training:  25%|" in text and "50/200, loss 0.4000" in text
+    assert "\r" in text and "training:  25%|" in text and ", 50/200, loss 0.4000]" in text
     assert "<" in text  # tqdm's elapsed<remaining
 
 

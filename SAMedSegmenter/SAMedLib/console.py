@@ -34,8 +34,8 @@ class Progress:
 
         self.description, self.total, self.stream = description, total, stream or sys.stderr
         self.bar = tqdm(total=total, initial=initial, desc=description, file=self.stream, disable=None,
-                        dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} "
-                                                       "[{elapsed}<{remaining}]")
+                        dynamic_ncols=True,  # tqdm puts ", " before the postfix
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
         self.plain = self.bar.disable  # tqdm decided: not a terminal
         self.start, self.initial, self.n, self.closed = time.perf_counter(), initial, initial, False
         self._next_line = 1
