@@ -37,7 +37,8 @@ class Progress:
                         dynamic_ncols=True,  # tqdm puts ", " before the postfix
                         bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
         self.plain = self.bar.disable  # tqdm decided: not a terminal
-        self.start, self.initial, self.n, self.closed = time.perf_counter(), initial, initial, False
+        self.start, self.n, self.closed = time.perf_counter(), initial, False
+        self._first: tuple[float, float] | None = None  # (time, n) of the first update: the ETA's baseline
         self._next_line = 1
 
     def update_to(self, n: float, status: str = "") -> None:
@@ -47,14 +48,16 @@ class Progress:
             self.bar.update(n - self.bar.n)
             self.n = n
             return
-        self.n = n
+        self.n, now = n, time.perf_counter()
+        # Callers often report only after their first step: rate from the steps seen since the first report.
+        self._first = self._first or (now, n)
         fraction = n / self.total if self.total else 1.0
         if fraction * PLAIN_STEPS + 1e-9 < self._next_line and n < self.total:
             return
         self._next_line = int(fraction * PLAIN_STEPS + 1e-9) + 1
-        elapsed = time.perf_counter() - self.start
-        done_here = n - self.initial
-        eta = elapsed / done_here * (self.total - n) if done_here > 0 else None
+        elapsed = now - self.start
+        since, steps = now - self._first[0], n - self._first[1]
+        eta = since / steps * (self.total - n) if steps > 0 else None
         timing = f"{_format_seconds(elapsed)} elapsed" + (f", ETA {_format_seconds(eta)}" if eta is not None and n < self.total else "")
         print(f"{self.description}: {100 * fraction:3.0f}% {status}".rstrip() + f" ({timing})",
               file=self.stream, flush=True)
