@@ -82,7 +82,8 @@ def test_icon_and_screenshot_urls_name_files_in_this_repository():
 def test_license_is_apache_2_and_the_package_ships_it():
     text = (REPO / "LICENSE").read_text(encoding="utf-8")
     assert "Apache License" in text and "Version 2.0, January 2004" in text
-    assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in text and "END OF TERMS AND CONDITIONS" in text
+    assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in text
+    assert "END OF TERMS AND CONDITIONS" in text
     assert re.search(r'^license = "Apache-2.0"$', (REPO / "pyproject.toml").read_text(encoding="utf-8"), re.M)
     # Without these Slicer's extension packaging uses Slicer's own LICENSE and README.
     assert _cmake_value("EXTENSION_LICENSE_FILE") == "${CMAKE_CURRENT_SOURCE_DIR}/LICENSE"

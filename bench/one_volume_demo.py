@@ -48,7 +48,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     model = args.out / "one_volume.safetensors"
     label_map, seg_file = args.out / "ct_dicom_prediction.nii.gz", args.out / "ct_dicom_prediction.seg.nrrd"
-    preview = [] if args.no_preview else ["--image", str(args.data / "ct_dicom"), "--preview", str(args.out / "preview.png")]
+    preview = [] if args.no_preview else ["--image", str(args.data / "ct_dicom"),
+                                          "--preview", str(args.out / "preview.png")]
 
     start = time.perf_counter()
     run_cli(["train", "--image", str(args.data / "ct_3mm.nii.gz"), "--labels", str(args.data / "ct_3mm_labels.nii.gz"),

@@ -53,7 +53,8 @@ def cmd_segment(args) -> int:
     print(f"wrote {args.output}" + (f" and {args.seg_nrrd}" if args.seg_nrrd else ""), file=sys.stderr)
     if args.preview:
         prep = model.card.preprocessing
-        _write_preview(args.preview, image, labels, model.card.classes, window=prep.window if prep.modality == "CT" else None,
+        _write_preview(args.preview, image, labels, model.card.classes,
+                       window=prep.window if prep.modality == "CT" else None,
                        title=f"{Path(args.input).name} segmented with {Path(args.model).name}")
     return 0
 
@@ -92,8 +93,8 @@ def cmd_evaluate(args) -> int:
     if args.preview:
         from .volume_io import read_volume
 
-        _write_preview(args.preview, read_volume(args.image), read_volume(args.prediction, allow_constant=True), classes,
-                       window=tuple(args.window), reference=read_volume(args.reference, allow_constant=True),
+        _write_preview(args.preview, read_volume(args.image), read_volume(args.prediction, allow_constant=True),
+                       classes, window=tuple(args.window), reference=read_volume(args.reference, allow_constant=True),
                        title=f"{Path(args.prediction).name} (solid) against {Path(args.reference).name} (dashed): "
                              f"mean Dice {scores['mean_dice']:.3f}")
     return 0
@@ -167,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     seg.add_argument("--base-checkpoint", help="official SAM checkpoint, for models fine-tuned from sam_vit_*")
     seg.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    seg.add_argument("--preview", metavar="PNG", help="also draw a few slices with the segments' outlines (needs matplotlib)")
+    seg.add_argument("--preview", metavar="PNG",
+                     help="also draw a few slices with the segments' outlines (needs matplotlib)")
     seg.set_defaults(func=cmd_segment)
 
     ev = sub.add_parser("evaluate", help="Dice and HD95 (mm) of a prediction against a reference label map")

@@ -34,7 +34,7 @@ class Progress:
 
         self.description, self.total, self.stream = description, total, stream or sys.stderr
         self.bar = tqdm(total=total, initial=initial, desc=description, file=self.stream, disable=None,
-                        dynamic_ncols=True,  # tqdm puts ", " before the postfix
+                        dynamic_ncols=True,  # the status goes where tqdm's own layout has it (", " comes with it)
                         bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
         self.plain = self.bar.disable  # tqdm decided: not a terminal
         self.start, self.n, self.closed = time.perf_counter(), initial, False
@@ -58,7 +58,9 @@ class Progress:
         elapsed = now - self.start
         since, steps = now - self._first[0], n - self._first[1]
         eta = since / steps * (self.total - n) if steps > 0 else None
-        timing = f"{_format_seconds(elapsed)} elapsed" + (f", ETA {_format_seconds(eta)}" if eta is not None and n < self.total else "")
+        timing = f"{_format_seconds(elapsed)} elapsed"
+        if eta is not None and n < self.total:
+            timing += f", ETA {_format_seconds(eta)}"
         print(f"{self.description}: {100 * fraction:3.0f}% {status}".rstrip() + f" ({timing})",
               file=self.stream, flush=True)
 
@@ -103,14 +105,16 @@ def format_training_event(event: dict) -> str | None:
     kind = event.get("event")
     if kind == "validation":
         best = ", best so far" if event.get("best") else ""
-        return f"iteration {event['iteration']}: mean Dice {event['mean_dice']:.3f} ({format_dice(event['dice'])}){best}"
+        return (f"iteration {event['iteration']}: mean Dice {event['mean_dice']:.3f} "
+                f"({format_dice(event['dice'])}){best}")
     if kind == "checkpoint":
         return f"checkpoint saved: {event['path']} (iteration {event['iteration']})"
     if kind in ("done", "stopped"):
         best = event.get("best_mean_dice")
         score = f"best validation mean Dice {best:.3f}" if best is not None and best >= 0 else "no validation slices"
         verb = "training finished" if kind == "done" else "training stopped"
-        return f"{verb} after {event['iteration']} iterations in {_format_seconds(event['seconds'])}, {score}: {event['path']}"
+        return (f"{verb} after {event['iteration']} iterations in {_format_seconds(event['seconds'])}, "
+                f"{score}: {event['path']}")
     if kind in ("iteration", "encoding"):
         return None
     return f"{kind}: " + ", ".join(f"{k} {v}" for k, v in event.items() if k != "event")

@@ -63,7 +63,8 @@ def montage_slices(image: sitk.Image, labels: sitk.Image, reference: sitk.Image 
     in another order or with flipped axes.
     """
     canonical, _ = to_canonical(image)
-    on_image = [sitk.GetArrayFromImage(resample_to_reference(m, canonical)) for m in (labels, reference) if m is not None]
+    on_image = [sitk.GetArrayFromImage(resample_to_reference(m, canonical))
+                for m in (labels, reference) if m is not None]
     foreground = np.zeros(on_image[0].shape[0], bool)
     for array in on_image:
         present = np.isin(array, list(values)) if values is not None else array > 0
@@ -72,7 +73,8 @@ def montage_slices(image: sitk.Image, labels: sitk.Image, reference: sitk.Image 
     held = np.flatnonzero(foreground) if foreground.any() else np.arange(depth)
     count = max(1, min(count, len(held)))
     # Evenly over the labelled range, leaving out its first and last slice (often a sliver) when there is room.
-    picks = np.linspace(0, len(held) - 1, count + 2)[1:-1] if len(held) >= count + 2 else np.linspace(0, len(held) - 1, count)
+    picks = (np.linspace(0, len(held) - 1, count + 2)[1:-1] if len(held) >= count + 2
+             else np.linspace(0, len(held) - 1, count))
     indices = sorted({int(held[int(round(p))]) for p in picks})
     volume = sitk.GetArrayViewFromImage(canonical)
     spacing_x, spacing_y = canonical.GetSpacing()[:2]
