@@ -131,3 +131,29 @@ def test_preview_without_matplotlib_fails_before_the_work(tmp_path, monkeypatch,
     with pytest.raises(PreviewError, match="must be a .png"):
         write_preview(None, None, ORGANS, tmp_path / "p.jpg")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_draws_its_preview_by_default(shared_data, tmp_path, monkeypatch, capsys):
+    """The demo's commands, recorded instead of run: its `samed evaluate` draws out/demo/preview.png."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "one_volume_demo.py"
+    spec = importlib.util.spec_from_file_location("one_volume_demo", script)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    commands = []
+
+    def run_cli(argv: list[str]) -> str:
+        commands.append(argv)
+        return json.dumps({"classes": {name: {"dice": 0.5} for name in demo.HEADLINE}}) if "--json" in argv else "a table"
+
+    monkeypatch.setattr(demo, "run_cli", run_cli)
+    monkeypatch.setattr(sys, "argv", ["one_volume_demo.py", "--data", str(shared_data), "--out", str(tmp_path)])
+    assert demo.main() == 0
+    drawing = [argv for argv in commands if "--preview" in argv]
+    assert len(drawing) == 1 and drawing[0][0] == "evaluate"
+    assert drawing[0][drawing[0].index("--preview") + 1] == str(tmp_path / "preview.png")
+    assert drawing[0][drawing[0].index("--image") + 1] == str(shared_data / "ct_dicom")
+    assert "a table" in capsys.readouterr().out
