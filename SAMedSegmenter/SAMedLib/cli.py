@@ -10,7 +10,6 @@ import json
 import logging
 import math
 import sys
-import time
 from pathlib import Path
 
 __all__ = ["main"]
@@ -19,17 +18,6 @@ EXIT_BAD_INPUT = 2
 EXIT_SOME_CASES_FAILED = 1
 EXIT_CANCELLED = 130
 PRECISION_HELP = "auto: fp16 on CUDA, bf16 on CPUs with native bf16 (AVX512-BF16/AMX), else fp32; fp32: always fp32"
-
-
-def _progress_bar(prefix: str):
-    start = time.perf_counter()
-
-    def report(fraction: float, message: str) -> None:
-        bar = "#" * int(30 * fraction)
-        print(f"\r{prefix} [{bar:<30}] {100 * fraction:5.1f}% {message} ({time.perf_counter() - start:.0f}s)",
-              end="\n" if fraction >= 1 else "", file=sys.stderr, flush=True)
-
-    return report
 
 
 def _json_safe(value):
@@ -46,6 +34,7 @@ def cmd_segment(args) -> int:
     if _cohort_mode(args):
         return cmd_segment_cohort(args)
     from .checkpoint import load_model
+    from .console import segment_progress
     from .inference import resolve_device, segment_image
     from .segfile import write_seg_nrrd
     from .volume_io import WRITABLE_EXTENSIONS, VolumeError, read_volume, write_image
@@ -55,19 +44,25 @@ def cmd_segment(args) -> int:
         raise VolumeError(f"{args.output}: unsupported output extension; use one of {', '.join(WRITABLE_EXTENSIONS)}")
     if args.seg_nrrd and not Path(args.seg_nrrd).name.lower().endswith(".seg.nrrd"):
         raise VolumeError(f"{args.seg_nrrd}: a segmentation file must end with .seg.nrrd")
+    _check_preview_option(args)
     device = resolve_device(args.device)
     image = read_volume(args.input)
     model = load_model(args.model, device=device, base_checkpoint=args.base_checkpoint)
     labels = segment_image(image, model, device=device, batch_size=args.batch_size,
                            largest_component=args.largest_component, precision=args.precision,
                            refinement=args.refine, cleanup=args.cleanup,
-                           progress=None if args.quiet else _progress_bar("segment"))
+                           progress=None if args.quiet else segment_progress())
     write_image(labels, args.output)
     if args.seg_nrrd:
         write_seg_nrrd(labels, model.card.classes, args.seg_nrrd)
     if args.statistics:
         _write_single_statistics(args, image, labels, model)
     print(f"wrote {args.output}" + (f" and {args.seg_nrrd}" if args.seg_nrrd else ""), file=sys.stderr)
+    if args.preview:
+        prep = model.card.preprocessing
+        _write_preview(args.preview, image, labels, model.card.classes,
+                       window=prep.window if prep.modality == "CT" else None,
+                       title=f"{Path(args.input).name} segmented with {Path(args.model).name}")
     return 0
 
 
@@ -154,17 +149,44 @@ def cmd_statistics(args) -> int:
     return 0
 
 
+def _check_preview_option(args) -> None:
+    """A --preview that could not be drawn fails before the work, not after it."""
+    if args.preview:
+        from .preview import check_preview_path, require_matplotlib
+
+        check_preview_path(args.preview)
+        require_matplotlib()
+
+
+def _write_preview(path: str, image, labels, classes, window, title: str, reference=None) -> None:
+    from .preview import write_preview
+
+    write_preview(image, labels, classes, path, reference=reference, window=window, title=title)
+    print(f"wrote preview {path}", file=sys.stderr)
+
+
 def cmd_evaluate(args) -> int:
     from .classes import parse_class_list
+    from .errors import SAMedError
     from .evaluation import evaluate_files
     from .metrics import format_table
 
     classes = parse_class_list(args.classes)
+    if args.preview and not args.image:
+        raise SAMedError("--preview needs --image, the scan to draw the outlines on")
+    _check_preview_option(args)
     scores = evaluate_files(args.prediction, args.reference, classes)
     if args.json:
         print(json.dumps(_json_safe(scores), indent=1))
     else:
         print(format_table(scores, classes))
+    if args.preview:
+        from .volume_io import read_volume
+
+        _write_preview(args.preview, read_volume(args.image), read_volume(args.prediction, allow_constant=True),
+                       classes, window=tuple(args.window), reference=read_volume(args.reference, allow_constant=True),
+                       title=f"{Path(args.prediction).name} (solid) against {Path(args.reference).name} (dashed): "
+                             f"mean Dice {scores['mean_dice']:.3f}")
     return 0
 
 
@@ -194,8 +216,7 @@ def cmd_train(args) -> int:
         augmentation=augmentation)
     result = train(config, progress_json=args.progress_json)
     if not args.progress_json:
-        print(f"wrote {result.path} (validation mean Dice {result.best_mean_dice:.3f}, "
-              f"{result.iterations_done} iterations, {result.seconds:.0f} s)", file=sys.stderr)
+        print(f"wrote {result.path}", file=sys.stderr)  # the trainer's last line gave iterations, time and Dice
     return 0
 
 
@@ -220,7 +241,7 @@ def cmd_import_samed(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .acceleration import PRECISIONS
     from .augmentation import AugmentationConfig
-    from .model_card import CLEANUPS, REFINEMENTS
+    from .model_card import CLEANUPS, CT_WINDOW, REFINEMENTS
     from .trainer import TrainConfig  # the defaults live in one place
 
     parser = argparse.ArgumentParser(prog="samed", description="SAMed/AutoSAM prompt-free segmentation of CT/MR volumes")
@@ -254,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     seg.add_argument("--base-checkpoint", help="official SAM checkpoint, for models fine-tuned from sam_vit_*")
     seg.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    seg.add_argument("--preview", metavar="PNG",
+                     help="also draw a few slices with the segments' outlines (needs matplotlib)")
     seg.set_defaults(func=cmd_segment)
 
     st = sub.add_parser("statistics", help="per-class voxels, volume (mL), mean/std intensity of a label map")
@@ -269,6 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--reference", required=True)
     ev.add_argument("--classes", required=True, help="VALUE:NAME,... e.g. 1:spleen,5:liver")
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ev.add_argument("--preview", metavar="PNG", help="draw a few slices of --image with the prediction's outlines "
+                                                     "(solid) and the reference's (dashed); needs matplotlib")
+    ev.add_argument("--image", help="the scan both label maps belong to (for --preview)")
+    ev.add_argument("--window", type=float, nargs=2, default=list(CT_WINDOW), metavar=("LOW", "HIGH"),
+                    help="--preview's display window (default: the CT window %g %g)" % CT_WINDOW)
     ev.set_defaults(func=cmd_evaluate)
 
     tr = sub.add_parser("train", help="fine-tune on labeled volumes")

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from .augmentation import AugmentationConfig, ViewAugmentation, apply_class_leve
 from .backbones import build_backbone
 from .checkpoint import load_trainable_tensors, save_tensors
 from .classes import SegmentClass
+from .console import TrainingDisplay
 from .acceleration import autocast, precision_name, prepare_encoder
 from .embedding_cache import EmbeddingCache
 from .errors import SAMedError
@@ -155,8 +155,12 @@ def _dice_per_class(logits: torch.Tensor, targets: torch.Tensor, num_classes: in
 
 
 class _Reporter:
+    """Sends each progress event to the caller's callback and to stdout as one JSON object per line
+    (``--progress-json``, parsed by SAMedTrainer) or, for a person, to stderr as bars and sentences."""
+
     def __init__(self, json_lines: bool, enabled: bool, callback: Callable[[dict], None] | None):
         self.json_lines, self.enabled, self.callback = json_lines, enabled, callback
+        self.display = TrainingDisplay() if enabled and not json_lines else None
 
     def __call__(self, event: dict) -> None:
         if not self.enabled:
@@ -165,14 +169,8 @@ class _Reporter:
             self.callback(event)
         if self.json_lines:
             print(json.dumps(event), flush=True)
-        elif event["event"] == "iteration":
-            n, total = event["iteration"], event["iterations"]
-            bar = "#" * int(30 * n / total)
-            print(f"\r[{bar:<30}] {n}/{total} loss {event['loss']:.4f} lr {event['lr']:.2e} "
-                  f"eta {event['eta_s']:.0f}s", end="", file=sys.stderr, flush=True)
-        elif event["event"] in ("validation", "encoding", "done", "stopped", "checkpoint"):
-            print(f"\n{event}" if event["event"] != "encoding" else f"\r{event['message']}", end="\n"
-                  if event["event"] != "encoding" else "", file=sys.stderr, flush=True)
+        else:
+            self.display(event)
 
 
 def train(config: TrainConfig, progress: Callable[[dict], None] | None = None, progress_json: bool = False,
