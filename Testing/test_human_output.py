@@ -61,6 +61,10 @@ def test_training_events_read_as_sentences():
     assert format_training_event(validation) == ("iteration 50: mean Dice 0.712 (spleen 0.801, liver 0.934, "
                                                  "pancreas n/a), best so far")
     assert format_dice({"aorta": 0.5}) == "aorta 0.500"
+    refinement = {"event": "refinement", "chosen": {"spleen": "box", "aorta": "none"},
+                  "validation_dice": {"none": {"spleen": 0.8, "aorta": 0.9}}}
+    assert format_training_event(refinement) == ("self-prompted refinement chosen on the validation slices: "
+                                                 "spleen box, aorta none")
     stopped = {"event": "stopped", "path": "m.safetensors", "iteration": 73, "seconds": 95.2, "best_mean_dice": -1.0}
     assert format_training_event(stopped) == ("training stopped after 73 iterations in 1m35s, no validation slices: "
                                               "m.safetensors")

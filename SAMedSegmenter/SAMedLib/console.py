@@ -115,6 +115,9 @@ def format_training_event(event: dict) -> str | None:
         verb = "training finished" if kind == "done" else "training stopped"
         return (f"{verb} after {event['iteration']} iterations in {_format_seconds(event['seconds'])}, "
                 f"{score}: {event['path']}")
+    if kind == "refinement":
+        chosen = ", ".join(f"{name} {choice}" for name, choice in event["chosen"].items())
+        return f"self-prompted refinement chosen on the validation slices: {chosen}"
     if kind in ("iteration", "encoding"):
         return None
     return f"{kind}: " + ", ".join(f"{k} {v}" for k, v in event.items() if k != "event")
