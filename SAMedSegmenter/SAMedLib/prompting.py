@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["PromptDecoder", "Prompt", "mask_prompt", "clean_mask", "native_to_model_xy"]
+__all__ = ["PromptDecoder", "Prompt", "mask_prompt", "mask_prompts", "clean_mask", "native_to_model_xy"]
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,19 @@ def mask_prompt(mask: np.ndarray, scale: float, margin: float = 0.0, with_point:
         y, x = np.unravel_index(int(np.argmax(distance)), distance.shape)
         point = (float(x) * scale, float(y) * scale)
     return Prompt(box, point)
+
+
+def mask_prompts(mask: np.ndarray, scale: float, margin: float = 0.0, with_point: bool = False,
+                 min_pixels: int = 8) -> list[Prompt]:
+    """One prompt per island of a mask that ``clean_mask`` keeps: a box around two separate blobs would ask the
+    decoder for everything between them (measured: a contrast aorta box spanning the aorta and a second blob
+    filled the box, 5x the aorta's area), while each blob's own box keeps an organ in two pieces whole."""
+    from scipy import ndimage
+
+    kept = clean_mask(np.asarray(mask, bool), min_pixels=min_pixels)
+    components, count = ndimage.label(kept, structure=np.ones((3, 3), bool))
+    return [p for p in (mask_prompt(components == i, scale, margin, with_point, min_pixels) for i in range(1, count + 1))
+            if p is not None]
 
 
 def native_to_model_xy(xy: np.ndarray, theta: torch.Tensor, slice_shape: tuple[int, int], size: int) -> np.ndarray:

@@ -2,20 +2,22 @@
 segmentation"): the prompt-free head only has to localise each class; its coarse mask gives a box (and
 optionally a point) that prompts the base model's pretrained, frozen decoder, which draws the boundary.
 
-It reuses the slice's image embedding (no second encoder pass). Multi-class: one prompt per class present
-on the slice, all decoded together; overlaps go to the larger decoder logit, pixels where every decoder
-logit is negative are background.
+It reuses the slice's image embedding (no second encoder pass). Multi-class: one box per island of each
+class's mask on the slice, all decoded together, a class's islands united; overlaps go to the larger decoder
+logit; a refined mask that balloons past MAX_GROWTH x the head's area is replaced by the head's own; pixels
+where every decoder logit is negative are background.
 """
 from __future__ import annotations
 
 import torch
 
-from .prompting import PromptDecoder, mask_prompt
+from .prompting import PromptDecoder, mask_prompts
 
 __all__ = ["refine_logits", "ABSENT_LOGIT", "KEPT_LOGIT"]
 
 ABSENT_LOGIT = -1.0e4  # a class with no prompt on a slice is absent from it
 KEPT_LOGIT = 1.0e3  # a class that is not refined keeps the head's pixels
+MAX_GROWTH = 2.5  # a refined mask more than this times the head's area is a decoder runaway, not a correction
 
 
 def refine_logits(head_logits: torch.Tensor, embeddings: torch.Tensor, decoder: PromptDecoder,
@@ -41,15 +43,22 @@ def refine_logits(head_logits: torch.Tensor, embeddings: torch.Tensor, decoder: 
         if choice == "none":
             refined[:, c][coarse_index == c] = KEPT_LOGIT
     for b in range(batch):
-        classes, prompts = [], []
+        owners, prompts = [], []
         for c, choice in enumerate(refinements, start=1):
             if choice == "none":
                 continue
-            prompt = mask_prompt(coarse[b] == c, scale, margin=margin_px, with_point=choice == "box+point")
-            if prompt is not None:
-                classes.append(c)
+            for prompt in mask_prompts(coarse[b] == c, scale, margin=margin_px, with_point=choice == "box+point"):
+                owners.append(c)
                 prompts.append(prompt)
-        if prompts:
-            logits, _ = decoder(embeddings[b:b + 1], prompts)
-            refined[b, classes] = logits.to(refined.dtype)
+        if not prompts:
+            continue
+        logits, _ = decoder(embeddings[b:b + 1], prompts)
+        for c in sorted(set(owners)):
+            mine = logits[[i for i, owner in enumerate(owners) if owner == c]].amax(dim=0)
+            head_area = int((coarse_index[b] == c).sum())
+            if int((mine > 0).sum()) > MAX_GROWTH * head_area:
+                # The decoder took the box for something much larger than what the head saw: keep the head's.
+                refined[b, c] = torch.where(coarse_index[b] == c, KEPT_LOGIT, ABSENT_LOGIT)
+            else:
+                refined[b, c] = mine.to(refined.dtype)
     return refined
