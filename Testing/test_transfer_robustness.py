@@ -40,6 +40,18 @@ def test_tiny_islands_are_ignored_by_the_box():
     assert not clean_mask(only_islands).any()
 
 
+def test_one_prompt_per_island_so_a_box_never_spans_two_blobs():
+    from SAMedLib.prompting import mask_prompts
+
+    mask = np.zeros((64, 64), bool)
+    mask[5:15, 5:15] = True  # the vessel
+    mask[40:52, 40:50] = True  # a second blob far away (a true second piece, or a false positive)
+    mask[60, 0] = True  # a speck: ignored
+    boxes = sorted(p.box for p in mask_prompts(mask, scale=1.0))
+    assert boxes == [(5.0, 5.0, 14.0, 14.0), (40.0, 40.0, 49.0, 51.0)]
+    assert mask_prompts(np.zeros((64, 64), bool), scale=1.0) == []
+
+
 def test_box_margin_scale_and_point():
     mask = np.zeros((64, 64), bool)
     mask[20:40, 10:30] = True
