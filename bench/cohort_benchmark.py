@@ -162,7 +162,7 @@ def synthetic_volume(path: Path, slices: int) -> Path:
     return path
 
 
-def cohort(model_path: Path, synthetic: int, slices: int, work: Path) -> dict:
+def cohort(model_path: Path, synthetic: int, slices: int, work: Path, processes: int) -> dict:
     from SAMedLib.volume_io import read_volume
 
     folder = work / "cases"
@@ -179,8 +179,11 @@ def cohort(model_path: Path, synthetic: int, slices: int, work: Path) -> dict:
         read_seconds[case.name] = round(time.perf_counter() - start, 2)
         total_slices += image.GetSize()[2]
     out = work / "out"
-    command = [sys.executable, "-m", "SAMedLib.cli", "segment", str(folder), "--model", str(model_path),
-               "--output-dir", str(out), "--statistics", str(out / "statistics.csv"), "--device", "cpu", "--quiet"]
+    launcher = [sys.executable] if processes == 1 else [
+        str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", str(processes)]
+    command = launcher + ["-m", "SAMedLib.cli", "segment", str(folder), "--model", str(model_path),
+                          "--output-dir", str(out), "--statistics", str(out / "statistics.csv"), "--device", "cpu",
+                          "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(REPO / "SAMedSegmenter")}
     start = time.perf_counter()
     result = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -188,9 +191,9 @@ def cohort(model_path: Path, synthetic: int, slices: int, work: Path) -> dict:
     if result.returncode != 0:
         raise SystemExit(f"cohort run failed ({result.returncode}): {result.stderr[-2000:]}")
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {"cases": [c.name for c in cases], "slices": total_slices, "wall_s": round(wall, 1),
+    return {"processes": processes, "cases": [c.name for c in cases], "slices": total_slices, "wall_s": round(wall, 1),
             "s_per_slice": round(wall / total_slices, 3), "cases_per_hour": round(len(cases) * 3600 / wall, 1),
-            "peak_rss_mb": round(peak), "read_s": read_seconds,
+            "peak_rss_mb_per_process": round(peak), "read_s": read_seconds,
             "read_share": round(sum(read_seconds.values()) / wall, 3)}
 
 
@@ -201,6 +204,9 @@ def write_markdown(report: dict, path: Path) -> None:
              f"Machine: {report['machine']}. **Shared** with other engineers' jobs: load average "
              f"{report['load_start']} at the start, {report['load_end']} at the end (2 cores), so absolute times "
              "are inflated; ratios are from this one run. Model: " + report["model"] + ".", "",
+             *([f"Steps measured in an earlier run of this script (started {s['_run']['started_utc']} UTC, load "
+                f"{s['_run']['load_start']} at its start, {s['_run']['load_after']} after), ratios within that run.", ""]
+               if "_run" in s else []),
              "| step | s/slice | vs baseline | labels | notes |", "|---|---|---|---|---|",
              f"| baseline (prepared encoder, {report['precision']}, batch 1, {s['baseline']['threads']} threads) | "
              f"{base} | 1.00x | - | Dice {s['baseline']['dice']} |"]
@@ -224,9 +230,11 @@ def write_markdown(report: dict, path: Path) -> None:
     elif tc:
         lines.append(f"| torch.compile (inductor) | - | - | - | {tc['error']} |")
     c = report["cohort"]
+    how = "one process" if c["processes"] == 1 else f"torchrun, {c['processes']} CPU processes"
     lines += ["", f"Cohort ({', '.join(c['cases'])}; {c['slices']} slices) through `samed segment --output-dir "
-              f"--statistics`, one process: {c['wall_s']} s wall, {c['s_per_slice']} s/slice, "
-              f"**{c['cases_per_hour']} cases/hour**, peak RSS {c['peak_rss_mb']} MB. Reading the cases takes "
+              f"--statistics`, {how}: {c['wall_s']} s wall, {c['s_per_slice']} s/slice, "
+              f"**{c['cases_per_hour']} cases/hour**, peak RSS {c['peak_rss_mb_per_process']} MB (largest process). "
+              "Reading the cases takes "
               f"{c['read_s']} s ({100 * c['read_share']:.1f}% of the wall time): that is all that overlapping "
               "reading with the model work (done, a one-case read-ahead thread) can save.", "",
               "GPU: none on this machine; not measured."]
@@ -240,6 +248,9 @@ def main() -> None:
     parser.add_argument("--synthetic", type=int, default=1, help="synthetic 512x512xN volumes in the cohort")
     parser.add_argument("--synthetic-slices", type=int, default=300)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--processes", type=int, default=2,
+                        help="cohort run: 1 = one process, N = torchrun with N CPU processes (threads split)")
+    parser.add_argument("--steps-from", help="reuse the per-step results of an earlier run (JSON) and run the cohort")
     parser.add_argument("--compile-only", action="store_true",
                         help="measure torch.compile against a fresh baseline and add it to an existing cohort.json")
     args = parser.parse_args()
@@ -258,10 +269,13 @@ def main() -> None:
     load_start = [round(v, 2) for v in os.getloadavg()]
     report = {"machine": f"{platform.machine()} {os.cpu_count()}-core CPU, torch {torch.__version__}, no GPU",
               "model": model_path.name, "precision": precision_name("cpu", "auto"), "load_start": load_start}
-    report["steps"] = steps(model_path, args.air_slices, not args.no_compile)
+    if args.steps_from:
+        report["steps"] = json.loads(Path(args.steps_from).read_text())
+    else:
+        report["steps"] = steps(model_path, args.air_slices, not args.no_compile)
     print(json.dumps(report["steps"], indent=1), flush=True)
     with tempfile.TemporaryDirectory() as work:
-        report["cohort"] = cohort(model_path, args.synthetic, args.synthetic_slices, Path(work))
+        report["cohort"] = cohort(model_path, args.synthetic, args.synthetic_slices, Path(work), args.processes)
     report["load_end"] = [round(v, 2) for v in os.getloadavg()]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "cohort.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
