@@ -135,18 +135,20 @@ def compile_step(loaded, image: sitk.Image, base_array: np.ndarray) -> dict:
         net.image_encoder = eager
 
 
-def compile_only(model_path: Path) -> dict:
+def compile_only(model_path: Path, threads: int) -> dict:
     """A second run for torch.compile alone, with its own baseline measured just before (same process)."""
     from SAMedLib.checkpoint import load_model
     from SAMedLib.volume_io import read_volume
 
+    torch.set_num_threads(threads)
     loaded = load_model(model_path)
     image = read_volume(DATA / "ct_dicom")
     timed_segment(image[:, :, :2], loaded)
     load_start = [round(v, 2) for v in os.getloadavg()]
     baseline, seconds = timed_segment(image, loaded)
     result = compile_step(loaded, image, sitk.GetArrayFromImage(baseline))
-    result.update({"baseline_s_per_slice": round(seconds / image.GetSize()[2], 3), "load_start": load_start,
+    result.update({"threads": threads, "baseline_s_per_slice": round(seconds / image.GetSize()[2], 3),
+                   "load_start": load_start,
                    "load_end": [round(v, 2) for v in os.getloadavg()]})
     return result
 
@@ -223,7 +225,8 @@ def write_markdown(report: dict, path: Path) -> None:
     tc = s.get("torch_compile")
     if tc and "error" not in tc:
         own = tc.get("baseline_s_per_slice", base)  # a separate run measures its own baseline
-        lines.append(f"| torch.compile (inductor), separate run: own baseline {own} s/slice, load "
+        lines.append(f"| torch.compile (inductor), separate run, {tc.get('threads')} thread(s): own baseline {own} "
+                     "s/slice, load "
                      f"{tc.get('load_start')} -> {tc.get('load_end')} | {tc['s_per_slice']} | {own / tc['s_per_slice']:.2f}x "
                      f"(vs own baseline) | {'identical' if tc['same_labels_as_baseline'] else 'differ'} | compile + "
                      f"first 2 slices {tc['compile_and_first_2_slices_s']} s; Dice {tc['dice']} |")
@@ -250,6 +253,7 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--processes", type=int, default=2,
                         help="cohort run: 1 = one process, N = torchrun with N CPU processes (threads split)")
+    parser.add_argument("--threads", type=int, default=1, help="--compile-only: threads (1: as each of 2 processes)")
     parser.add_argument("--steps-from", help="reuse the per-step results of an earlier run (JSON) and run the cohort")
     parser.add_argument("--compile-only", action="store_true",
                         help="measure torch.compile against a fresh baseline and add it to an existing cohort.json")
@@ -261,7 +265,7 @@ def main() -> None:
         raise SystemExit(f"{model_path}: train one first (see bench/results/cohort.md) ")
     if args.compile_only:
         report = json.loads((RESULTS / "cohort.json").read_text())
-        report["steps"]["torch_compile"] = compile_only(model_path)
+        report["steps"]["torch_compile"] = compile_only(model_path, args.threads)
         (RESULTS / "cohort.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
         write_markdown(report, RESULTS / "cohort.md")
         print((RESULTS / "cohort.md").read_text())
