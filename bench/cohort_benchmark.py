@@ -232,6 +232,13 @@ def write_markdown(report: dict, path: Path) -> None:
                      f"first 2 slices {tc['compile_and_first_2_slices_s']} s; Dice {tc['dice']} |")
     elif tc:
         lines.append(f"| torch.compile (inductor) | - | - | - | {tc['error']} |")
+    probe = report.get("torch_compile_encoder_probe")
+    if probe:
+        lines.append(f"| torch.compile, encoder alone (fp32, `bench/encoder_compile_probe.py`, separate run, load "
+                     f"{probe['load']}) | eager {probe['eager_s']} s, compiled {probe['compiled_s']} s per 256x256 "
+                     f"image | {probe['eager_s'] / probe['compiled_s']:.2f}x | max difference "
+                     f"{probe['max_abs_difference']:.1e} | compile + first call {probe['compile_s']} s; eager again "
+                     f"{probe['eager_again_s']} s |")
     c = report["cohort"]
     how = "one process" if c["processes"] == 1 else f"torchrun, {c['processes']} CPU processes"
     lines += ["", f"Cohort ({', '.join(c['cases'])}; {c['slices']} slices) through `samed segment --output-dir "
@@ -241,6 +248,8 @@ def write_markdown(report: dict, path: Path) -> None:
               f"{c['read_s']} s ({100 * c['read_share']:.1f}% of the wall time): that is all that overlapping "
               "reading with the model work (done, a one-case read-ahead thread) can save.", "",
               "GPU: none on this machine; not measured."]
+    if report.get("reading"):
+        lines += ["", "Reading (written after the runs): " + report["reading"]]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
