@@ -206,6 +206,20 @@ def test_csv_input_with_ids_and_outputs(tmp_path, monkeypatch):
     assert cli.main(segment_args([listing], "m.safetensors", out)) == 2
 
 
+def test_folder_discovery_names_cases_and_ignores_non_cases(tmp_path):
+    folder = tmp_path / "study"
+    (folder / "series_1").mkdir(parents=True)
+    (folder / "series_1" / "IM0001").write_bytes(b"")  # a DICOM series folder (files without extension)
+    for name in ("a.nii.gz", "b.nrrd", "c.mha", "old.seg.nrrd", "notes.txt", ".a.tmp-0123abcd.nii.gz"):
+        (folder / name).write_bytes(b"")
+    (folder / "out").mkdir()  # the output folder inside the input folder is no case
+    cases = discover_cases([folder], folder / "out", seg_nrrd=True)
+    assert [(c.id, c.image.name, c.output.name, c.seg_nrrd.name) for c in cases] == [
+        ("a", "a.nii.gz", "a.nii.gz", "a.seg.nrrd"), ("b", "b.nrrd", "b.nii.gz", "b.seg.nrrd"),
+        ("c", "c.mha", "c.nii.gz", "c.seg.nrrd"), ("series_1", "series_1", "series_1.nii.gz", "series_1.seg.nrrd")]
+    assert all(c.output.parent == folder / "out" for c in cases)
+
+
 def test_argument_errors_exit_2(tmp_path, capsys):
     scan = tmp_path / "scan.nii.gz"
     sitk.WriteImage(image_from(phantom()), str(scan))

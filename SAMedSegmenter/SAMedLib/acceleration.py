@@ -4,7 +4,8 @@ Measured on the 2-core benchmark CPU (``bench/results/encoder_throughput.md``): 
 bound by its convolutions, GELU and BatchNorm rather than by matmuls, so folding BatchNorm and running
 convolutions channels-last pays off in fp32, and bf16 autocast (native on CPUs with AVX512-BF16 / AMX)
 roughly halves the time again. Precision ``auto`` uses the fast type a device supports natively (fp16 on
-CUDA, bf16 on such CPUs); ``fp32`` turns reduced precision off everywhere.
+CUDA, bf16 on such CPUs); ``fp32`` turns reduced precision off everywhere. ``compile_encoder`` adds
+torch.compile (inductor) for long cohort runs, with the eager encoder as the fallback where compiling fails.
 """
 from __future__ import annotations
 

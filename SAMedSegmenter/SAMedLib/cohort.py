@@ -29,7 +29,8 @@ from .errors import SAMedError, one_line
 from .volume_io import atomic_output_path, read_volume, remove_stale_temporaries
 
 __all__ = ["case_id", "is_single_volume", "Case", "CohortError", "CohortResult", "discover_cases", "shard_cases",
-           "is_complete", "run_cohort", "distributed_context", "close_distributed", "ModelSource", "write_failures", "FAILURES_NAME"]
+           "is_complete", "run_cohort", "distributed_context", "close_distributed", "ModelSource", "write_failures",
+           "FAILURES_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +95,13 @@ def is_single_volume(path: str | os.PathLike) -> bool:
     return not (path.suffix.lower() == ".csv" or (path.is_dir() and _is_case_collection(path)))
 
 
-def _expand(path: Path) -> list[tuple[str, Path, str | None]]:
+def _expand(path: Path, output_dir: Path) -> list[tuple[str, Path, str | None]]:
     """(id, image, explicit output or None) for one command-line input."""
     if path.is_file() and path.suffix.lower() == ".csv":
         return _read_case_csv(path)
     if path.is_dir() and _is_case_collection(path):
-        entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+        # The output folder may sit inside the input folder: it is no case.
+        entries = sorted(p for p in path.iterdir() if not p.name.startswith(".") and p.resolve() != output_dir.resolve())
         return [(case_id(p), p, None) for p in entries if p.is_dir() or _volume_suffix(p)]
     # A single file or a DICOM series folder; reading it later says what is wrong with it, if anything.
     return [(case_id(path), path, None)]
@@ -152,7 +154,7 @@ def discover_cases(inputs: Sequence[str | os.PathLike], output_dir: str | os.Pat
         path = Path(raw)
         if not path.exists():
             raise CohortError(f"{path}: no such file or folder")
-        for name, image, explicit in _expand(path):
+        for name, image, explicit in _expand(path, output_dir):
             if name in seen:
                 raise CohortError(f"case id '{name}' is used twice ({seen[name]} and {image}); "
                                   "give unique ids in a CSV 'id' column")

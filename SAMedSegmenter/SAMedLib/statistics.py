@@ -71,10 +71,12 @@ def statistics_for_files(image_path: str | os.PathLike, labels_path: str | os.Pa
     The label map is resampled onto the image grid in physical space first (nearest neighbour): files of the
     same scan may store voxels in another axis order or with flipped axes.
     """
+    from .cohort import case_id
+
     image = read_volume(image_path)
     labels = read_volume(labels_path, allow_constant=True)
     on_image = resample_to_reference(labels, image)
-    return label_statistics(image, on_image, classes, case or Path(image_path).name, model)
+    return label_statistics(image, on_image, classes, case or case_id(image_path), model)
 
 
 def check_statistics_path(path: str | os.PathLike) -> Path:
