@@ -50,7 +50,7 @@ class SliceBox:
 
 @dataclass(frozen=True)
 class PropagationSettings:
-    margin_mm: float = 3.0  # the previous slice's mask box, grown: an organ's outline moves a few mm per slice
+    margin_mm: float = 6.0  # the previous mask's box grown: 3 mm lost the growing upper spleen (3D Dice 0.73 vs 0.96)
     min_iou: float = 0.6  # the decoder's own IoU estimate: below it the mask is a guess
     min_area_ratio: float = 0.3  # a mask this much smaller than the previous slice's has collapsed
     max_area_ratio: float = 3.0  # ... this much larger has leaked into a neighbour
@@ -102,7 +102,7 @@ class Annotator:
     """
 
     def __init__(self, image: sitk.Image, encoder: torch.nn.Module, decoder: PromptDecoder, prep: Preprocessing,
-                 device: str = "cpu", precision: str = "auto", cache_slices: int = 512):
+                 device: str = "cpu", precision: str = "auto", cache_slices: int = 256):
         validate_volume(image, "input volume")
         if decoder.input_size != prep.input_size:
             raise SAMedError(f"the decoder takes {decoder.input_size}px input, the encoder {prep.input_size}px")
@@ -121,6 +121,8 @@ class Annotator:
         self.mask_pixel_mm = float(self.theta[0, 0]) * width * spacing_x / decoder.mask_size
         self.cache_slices = cache_slices
         self._embeddings: OrderedDict[int, torch.Tensor] = OrderedDict()
+        # Decoder results by (slice, prompts): applying again with one more box re-walks only what changed.
+        self._decoded: OrderedDict[tuple, tuple[torch.Tensor, np.ndarray]] = OrderedDict()
         self.encoder_runs = 0
         self.encoder_seconds = 0.0
         self.decoder_runs = 0
@@ -157,6 +159,8 @@ class Annotator:
             inputs = model_input(slices.to(self.device), self.theta.to(self.device), self.prep, self.spacing_yx)
             with autocast(self.device, self.precision):
                 embedding = self.encoder(inputs)
+        if self.compute != "fp32":  # kept in the compute type: LiteMedSAM's is 2 MB per slice in bf16/fp16
+            embedding = embedding.to(torch.bfloat16 if self.compute == "bf16" else torch.float16)
         self.encoder_runs += 1
         self.encoder_seconds += time.perf_counter() - start
         self._embeddings[z] = embedding
@@ -178,13 +182,20 @@ class Annotator:
     def decode(self, z: int, prompts: list[Prompt]) -> tuple[torch.Tensor, np.ndarray]:
         """Prompts on slice ``z`` -> the union of their masks as logits (s, s) on the decoder's mask grid (the
         largest per pixel) and their predicted IoUs."""
+        key = (z, tuple(prompts))
+        if key in self._decoded:
+            self._decoded.move_to_end(key)
+            return self._decoded[key]
         embedding = self.embedding(z)
         start = time.perf_counter()
         with torch.inference_mode(), autocast(self.device, self.precision):
             logits, iou = self.decoder(embedding, prompts)
         self.decoder_runs += 1
         self.decoder_seconds += time.perf_counter() - start
-        return logits.float().amax(dim=0).cpu(), iou.float().cpu().numpy()
+        self._decoded[key] = result = (logits.float().amax(dim=0).cpu(), iou.float().cpu().numpy())
+        if len(self._decoded) > self.cache_slices:  # 256 KB each on LiteMedSAM's 256x256 mask grid
+            self._decoded.popitem(last=False)
+        return result
 
     def native_mask(self, logits: torch.Tensor, kept: np.ndarray) -> np.ndarray:
         """Mask-grid logits -> the mask on the native slice, without the islands ``clean_mask`` dropped from ``kept``.

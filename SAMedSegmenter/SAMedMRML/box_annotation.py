@@ -19,9 +19,10 @@ import vtk
 import slicer
 
 from .segmentations import _mask_image, _vtk_matrix
-from .volumes import check_parent_transform, check_same_grid, ijk_to_ras
+from .segmenter_logic import SegmentationCancelled, SegmenterLogic, _missing_dependency
+from .volumes import check_parent_transform, check_same_grid, ijk_to_ras, volume_to_sitk
 
-__all__ = ["ras_bounds_to_ijk", "roi_to_ijk", "modifier_labelmap", "apply_mask_to_segment"]
+__all__ = ["ras_bounds_to_ijk", "roi_to_ijk", "modifier_labelmap", "apply_mask_to_segment", "BoxAnnotationLogic"]
 
 
 def _world_to_local(node) -> np.ndarray:
@@ -84,3 +85,53 @@ def apply_mask_to_segment(editor_logic, segment_id: str, mask: sitk.Image, volum
                                          slicer.vtkSlicerSegmentEditorLogic.ModificationModeSet,
                                          True,  # per segment: the masking settings apply
                                          False)  # no bypass of masking
+
+
+class BoxAnnotationLogic(SegmenterLogic):
+    """Boxes on a volume node -> the mask, computed on SAMed's torch worker thread (see ``SegmenterLogic``).
+
+    The ``SAMedLib.annotation.Annotator`` (model + per-slice embedding cache) lives on the worker and is kept
+    while the volume's voxels, geometry, model and device stay the same, so a new box costs only the slices it
+    touches for the first time. Cancel leaves everything as it was.
+    """
+
+    def __init__(self, processEvents=None, pollInterval: float = 0.03, worker=None):
+        super().__init__(processEvents, pollInterval, worker)
+        self._annotator = None  # (key, Annotator); touched on the worker only
+
+    def annotate(self, volume_node, boxes_ijk, propagate: bool = True, model=None, device: str = "auto",
+                 progress=None) -> sitk.Image:
+        """``boxes_ijk``: (low, high) continuous voxel corners (``roi_to_ijk``) -> label map (1 inside) on the volume grid.
+
+        ``model``: None for pretrained LiteMedSAM, or a fine-tuned checkpoint whose encoder to use.
+        """
+        if self._running:
+            raise RuntimeError("SAMed is already running; wait for it or cancel it first")
+        image = volume_to_sitk(volume_node)  # main thread: the only MRML read
+        key = (volume_node.GetID(), volume_node.GetImageData().GetMTime(), tuple(ijk_to_ras(volume_node).ravel()),
+               str(model or ""), device)
+        self._running = True
+        self._cancel.clear()
+        self._progress_state = None
+        try:
+            future = self.worker.submit(self._annotate_job, key, image, list(boxes_ijk), propagate, model, device)
+            return self._wait(future, progress)
+        finally:
+            self._running = False
+
+    def _annotate_job(self, key, image, boxes_ijk, propagate, model, device):
+        try:
+            from SAMedLib import annotation, inference
+        except ImportError as exc:
+            raise _missing_dependency(exc) from exc
+        if self._annotator is None or self._annotator[0] != key:
+            self._annotator = None  # free the previous volume's cache first
+            self._annotator = (key, annotation.Annotator.from_model(image, model, device=inference.resolve_device(device)))
+        annotator = self._annotator[1]
+        boxes = [annotation.box_from_ijk(annotator.restore, low, high) for low, high in boxes_ijk]
+        try:
+            mask = annotator.annotate(boxes, propagate=propagate, progress=self._set_progress,
+                                      should_cancel=self._cancel.is_set)
+        except inference.Cancelled as exc:
+            raise SegmentationCancelled(str(exc)) from exc
+        return annotator.to_image(mask)
