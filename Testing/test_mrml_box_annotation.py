@@ -168,3 +168,44 @@ def test_empty_or_misplaced_mask_is_refused_and_nothing_changes(mrml):
     with pytest.raises(ValueError, match="not in the edited segmentation"):
         apply_mask_to_segment(logic, "nope", _mask_image(volume, np.ones(SHAPE, bool)), volume)
     assert not logic.CanUndo()  # no undo state saved for a refused edit
+
+
+# --------------------------------------------------------------------------- the worker-thread logic (real model)
+
+
+@pytest.mark.slow
+def test_box_logic_annotates_a_volume_node_on_the_worker_and_cancels_cleanly(mrml, shared_data):
+    from SAMedLib.metrics import dice
+    from SAMedLib.volume_io import read_volume, resample_to_reference, to_canonical
+    from SAMedMRML.box_annotation import BoxAnnotationLogic
+    from SAMedMRML.segmenter_logic import SegmentationCancelled, TorchWorker
+    from SAMedMRML.volumes import update_volume_from_sitk
+
+    image = read_volume(shared_data / "ct_3mm.nii.gz")
+    reference = resample_to_reference(read_volume(shared_data / "ct_3mm_labels.nii.gz", allow_constant=True), image)
+    crop = to_canonical(image)[0][:, :, 84:92]
+    spleen = sitk.GetArrayFromImage(to_canonical(reference)[0][:, :, 84:92]) == 1
+    volume = update_volume_from_sitk(mrml.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT"), crop)
+    z = 5
+    ys, xs = np.nonzero(spleen[z])
+    roi = mrml.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    corners = np.array([_ras(volume, (xs.min(), ys.min(), z)), _ras(volume, (xs.max(), ys.max(), z))])
+    roi.SetCenter(*corners.mean(axis=0))
+    roi.SetSize(*np.abs(corners[1] - corners[0]))
+    worker = TorchWorker("test-box")
+    logic = BoxAnnotationLogic(worker=worker)
+    mask = logic.annotate(volume, [roi_to_ijk(volume, roi)], propagate=False, device="cpu")
+    labels = sitk.GetArrayFromImage(mask)
+    assert np.flatnonzero(labels.any(axis=(1, 2))).tolist() == [z]
+    assert dice(labels[z] > 0, spleen[z]) > 0.85
+    annotator = logic._annotator[1]
+    assert annotator.encoder_runs == 1
+
+    def cancel_on_first_report(fraction, message):
+        logic.cancel()
+
+    with pytest.raises(SegmentationCancelled):
+        logic.annotate(volume, [roi_to_ijk(volume, roi)], propagate=True, device="cpu", progress=cancel_on_first_report)
+    assert logic._annotator[1] is annotator  # same volume: the model and the embedding cache were kept
+    assert annotator.encoder_runs < len(spleen)  # stopped before walking through every slice
+    worker.shutdown()
