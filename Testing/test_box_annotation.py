@@ -147,7 +147,7 @@ def test_box_from_cli_maps_voxel_indices():
 
 
 @pytest.mark.slow
-def test_cli_annotate_writes_the_value_on_the_input_grid(tmp_path, spleen_volume, capsys):
+def test_cli_annotate_writes_the_value_on_the_input_grid(tmp_path, spleen_volume, tiny_checkpoint):
     crop, spleen = spleen_volume
     # Stored with the x axis reversed (RAS-like), so the voxel box must be mapped to the canonical grid.
     flipped = sitk.Flip(crop, [True, False, False])
@@ -166,3 +166,8 @@ def test_cli_annotate_writes_the_value_on_the_input_grid(tmp_path, spleen_volume
     assert set(np.unique(labels)) == {0, 7}
     assert np.flatnonzero(labels.any(axis=(1, 2))).tolist() == [z]
     assert dice(labels[z][:, ::-1] == 7, spleen[z]) > 0.85
+    # --model: a fine-tuned model's encoder with the base decoder; a frozen-encoder model's encoder is the base one
+    with_model = tmp_path / "with_model.nrrd"
+    assert samed(["annotate", str(path), "--box", box, "--value", "7", "--no-propagate", "-q", "--output",
+                  str(with_model), "--device", "cpu", "--model", str(tiny_checkpoint)]) == 0
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(with_model))), labels)

@@ -62,10 +62,10 @@ def box_from_ijk(restore: CanonicalRestore, corner_a, corner_b) -> SliceBox:
     The slice is the axial slice through the corners' midpoint (a box drawn in an axial view has both corners on
     it; a thick ROI gives its centre slice); the in-plane extent covers every voxel the corners span.
     """
-    a, b = np.asarray(corner_a, float), np.asarray(corner_b, float)
+    a, b = np.asarray(corner_a, float).reshape(3), np.asarray(corner_b, float).reshape(3)
     size = np.asarray(restore.size)
     for corner in (a, b):
-        if a.shape != (3,) or b.shape != (3,) or np.any(np.round(corner) < 0) or np.any(np.round(corner) > size - 1):
+        if np.any(np.round(corner) < 0) or np.any(np.round(corner) > size - 1):
             raise AnnotationError(f"box corner (i, j, k) = {tuple(np.round(corner, 2).tolist())} is outside the image "
                                   f"(size {tuple(int(s) for s in size)})")
     canonical = []
