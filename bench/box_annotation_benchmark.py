@@ -180,6 +180,9 @@ def render(results: dict) -> str:
     lines += ["", "Time per slice (measured under the load above): encoder once per slice (cached), decoder per call.", "",
               "| scan | slices | encoder s/slice | decoder s/call | encoder runs | decoder runs |", "|---|---|---|---|---|---|"]
     for scan, r in results["scans"].items():
+        if "encoder_runs" not in r:  # a scan cut short: only its finished organs were kept
+            lines.append(f"| {scan} | {r['slices']} | (partial run: see the organs' rows) | | | |")
+            continue
         lines.append(f"| {scan} | {r['slices']} | {r['encoder_seconds_per_slice']} | {r['decoder_seconds_per_call']} | "
                      f"{r['encoder_runs']} | {r['decoder_runs']} |")
     if "timing" in results:
