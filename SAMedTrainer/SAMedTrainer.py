@@ -58,6 +58,18 @@ Builds on SAMed (K. Zhang and D. Liu, arXiv:2304.13785, 2023), AutoSAM (X. Hu, X
 arXiv:2306.13731, 2023), Segment Anything (A. Kirillov et al., ICCV 2023) and LiteMedSAM/MedSAM
 (J. Ma et al., Nature Communications 2024).
 """)
+        # The training volume is annotated here: the "SAMed box" Segment Editor effect comes with this module.
+        slicer.app.connect("startupCompleted()", registerBoxEffect)
+
+
+def registerBoxEffect() -> None:
+    """Register the "SAMed box" Segment Editor effect (as Slicer's scripted effects are registered)."""
+    import qSlicerSegmentationsEditorEffectsPythonQt as effects
+
+    instance = effects.qSlicerSegmentEditorScriptedEffect(None)
+    source = os.path.join(os.path.dirname(__file__), "SAMedTrainerLib", "SegmentEditorSAMedBoxEffect.py")
+    instance.setPythonSource(source.replace("\\", "/"))
+    instance.self().register()
 
 
 #

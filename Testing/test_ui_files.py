@@ -182,7 +182,10 @@ def slicer_gui_stand_ins(monkeypatch):
     for name, module in (("slicer.ScriptedLoadableModule", slm), ("slicer.i18n", i18n),
                          ("slicer.parameterNodeWrapper", wrapper)):
         monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(processEvents=lambda: None), raising=False)
+    connections = []  # (signal, slot) pairs the modules connect on the application
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(processEvents=lambda: None, connections=connections,
+                                                             connect=lambda signal, slot: connections.append((signal, slot))),
+                        raising=False)
     yield
     for module in MODULES:
         sys.modules.pop(module, None)
@@ -209,6 +212,34 @@ def test_module_scripts_import_and_logic_wraps_the_glue(slicer_gui_stand_ins):
     parent = types.SimpleNamespace()
     trainer.SAMedTrainer(parent)
     assert parent.dependencies == ["SAMedSegmenter"]
+
+
+def test_trainer_registers_the_box_effect_at_startup(slicer_gui_stand_ins, monkeypatch):
+    """SAMedTrainer registers "SAMed box" once Slicer has started, from a script CMake installs beside it."""
+    import slicer
+
+    trainer = importlib.import_module("SAMedTrainer")
+    trainer.SAMedTrainer(types.SimpleNamespace())
+    assert ("startupCompleted()", trainer.registerBoxEffect) in slicer.app.connections
+    registered = []
+
+    class ScriptedEffect:  # stands in for the C++ qSlicerSegmentEditorScriptedEffect
+        def __init__(self, parent):
+            self.source = None
+
+        def setPythonSource(self, path):
+            self.source = path
+
+        def self(self):
+            return types.SimpleNamespace(register=lambda: registered.append(self.source))
+
+    effects = types.ModuleType("qSlicerSegmentationsEditorEffectsPythonQt")
+    effects.qSlicerSegmentEditorScriptedEffect = ScriptedEffect
+    monkeypatch.setitem(sys.modules, "qSlicerSegmentationsEditorEffectsPythonQt", effects)
+    trainer.registerBoxEffect()
+    assert len(registered) == 1 and Path(registered[0]).is_file()
+    source = Path(registered[0]).read_text(encoding="utf-8")
+    assert 'scriptedEffect.name = "SAMed box"' in source and "saveStateForUndo()" in source
 
 
 def test_self_tests_that_need_no_gui_pass_headless(slicer_gui_stand_ins, mrml):

@@ -1,4 +1,4 @@
-"""``samed``: the command-line interface (segment, statistics, evaluate, train, info, import-samed).
+"""``samed``: the command-line interface (segment, statistics, evaluate, train, annotate, info, import-samed).
 
 Bad input ends with a one-line ``samed: error: ...`` message and exit status 2, never a traceback.
 A cohort run (``segment`` with ``--output-dir``) exits 1 when some cases failed (listed in failures.csv).
@@ -220,6 +220,28 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_annotate(args) -> int:
+    from .annotation import Annotator, box_from_cli
+    from .inference import resolve_device
+    from .volume_io import WRITABLE_EXTENSIONS, VolumeError, read_volume, to_canonical, write_image
+
+    if not Path(args.output).name.lower().endswith(WRITABLE_EXTENSIONS):
+        raise VolumeError(f"{args.output}: unsupported output extension; use one of {', '.join(WRITABLE_EXTENSIONS)}")
+    if not 1 <= args.value <= 65535:
+        raise ValueError(f"--value {args.value}: expected a label value from 1 to 65535")
+    image = read_volume(args.input)
+    restore = to_canonical(image)[1]
+    boxes = [box_from_cli(restore, text) for text in args.box]  # every box checked before the model loads
+    device = resolve_device(args.device)
+    annotator = Annotator.from_model(image, args.model, device=device, precision=args.precision,
+                                     base_checkpoint=args.base_checkpoint)
+    mask = annotator.annotate(boxes, propagate=not args.no_propagate,
+                              progress=None if args.quiet else _progress_bar("annotate"))
+    write_image(annotator.to_image(mask, args.value), args.output)
+    print(f"wrote {args.output} ({int(mask.any(axis=(1, 2)).sum())} slices, {int(mask.sum())} voxels)", file=sys.stderr)
+    return 0
+
+
 def cmd_info(args) -> int:
     from .checkpoint import read_model_card
 
@@ -343,6 +365,21 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--stop-file", help="stop cleanly (as on SIGTERM) once this file exists")
     tr.add_argument("--output", required=True, help="checkpoint to write (.safetensors)")
     tr.set_defaults(func=cmd_train)
+
+    ann = sub.add_parser("annotate", help="box prompts -> a 3D mask (pretrained LiteMedSAM, propagated through slices)")
+    ann.add_argument("input", help="NIfTI/NRRD/MHA file or DICOM series folder")
+    ann.add_argument("--box", action="append", required=True, metavar="K,I0,J0,I1,J1",
+                     help="box corners (i, j) in voxel indices on slice k of the image's third axis (repeat: "
+                          "more boxes of the same object)")
+    ann.add_argument("--output", required=True, help="label map to write (.nii.gz, .nii, .nrrd, .mha)")
+    ann.add_argument("--value", type=int, default=1, help="label value inside the mask (default 1)")
+    ann.add_argument("--no-propagate", action="store_true", help="only the boxes' own slices")
+    ann.add_argument("--model", help="fine-tuned checkpoint whose encoder to use (default: pretrained LiteMedSAM)")
+    ann.add_argument("--base-checkpoint", help="official SAM checkpoint, for models fine-tuned from sam_vit_*")
+    ann.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
+    ann.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
+    ann.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    ann.set_defaults(func=cmd_annotate)
 
     info = sub.add_parser("info", help="print a checkpoint's model card as JSON")
     info.add_argument("model")

@@ -1,0 +1,276 @@
+"""Box annotation: a box on one axial slice -> the organ's 3D mask, by a backbone's promptable decoder.
+
+The user's box prompts the pretrained, frozen decoder (``prompting.PromptDecoder``) on its slice; propagation
+then walks to the neighbouring slices in both directions, each prompted with the box of the previous slice's
+mask grown by a small margin, and stops where the mask vanishes, collapses (area ratio) or the decoder's
+predicted IoU drops below a threshold. Several boxes of one object on different slices are combined: each
+slice takes the mask propagated from its nearest box (the next nearest where that one's walk stopped short).
+
+Slices go through exactly the inference path (canonical LPS volume, ``preprocessing.model_input`` on the
+same slice-to-model affine, the encoder prepared and under the same precision policy); each slice's
+embedding is cached, so a second box on a slice costs only the decoder. Output: a mask on the input grid.
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .acceleration import autocast, precision_name, prepare_encoder
+from .errors import SAMedError
+from .model_card import Preprocessing
+from .preprocessing import from_model_grid, intensity_range, model_input, normalize_intensity, slice_to_model_theta
+from .prompting import Prompt, PromptDecoder, clean_mask, mask_prompt, native_to_model_xy
+from .volume_io import CanonicalRestore, to_canonical, validate_volume
+
+__all__ = ["AnnotationError", "SliceBox", "PropagationSettings", "Annotator", "box_from_ijk", "box_from_cli"]
+
+ProgressCallback = Callable[[float, str], None]
+
+
+class AnnotationError(SAMedError, ValueError):
+    """A box that cannot be used (outside the image, empty, not on an axial slice)."""
+
+
+@dataclass(frozen=True)
+class SliceBox:
+    """A box on axial slice ``slice`` of the canonical (LPS) volume: pixel columns x0..x1, rows y0..y1 (inclusive)."""
+
+    slice: int
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+
+@dataclass(frozen=True)
+class PropagationSettings:
+    margin_mm: float = 6.0  # the previous mask's box grown: 3 mm lost the growing upper spleen (3D Dice 0.73 vs 0.96)
+    min_iou: float = 0.6  # the decoder's own IoU estimate: below it the mask is a guess
+    min_area_ratio: float = 0.3  # a mask this much smaller than the previous slice's has collapsed
+    max_area_ratio: float = 3.0  # ... this much larger has leaked into a neighbour
+
+
+def box_from_ijk(restore: CanonicalRestore, corner_a, corner_b) -> SliceBox:
+    """Two corners (continuous voxel indices i, j, k of the original image) -> the box on the canonical grid.
+
+    The slice is the axial slice through the corners' midpoint (a box drawn in an axial view has both corners on
+    it; a thick ROI gives its centre slice); the in-plane extent covers every voxel the corners span.
+    """
+    a, b = np.asarray(corner_a, float).reshape(3), np.asarray(corner_b, float).reshape(3)
+    size = np.asarray(restore.size)
+    for corner in (a, b):
+        if np.any(np.round(corner) < 0) or np.any(np.round(corner) > size - 1):
+            raise AnnotationError(f"box corner (i, j, k) = {tuple(np.round(corner, 2).tolist())} is outside the image "
+                                  f"(size {tuple(int(s) for s in size)})")
+    canonical = []
+    for axis in range(3):  # canonical axis c is original axis perm[c], reversed when flip[c]
+        original = restore.perm[axis]
+        low, high = sorted((a[original], b[original]))
+        if restore.flip[axis]:
+            low, high = size[original] - 1 - high, size[original] - 1 - low
+        canonical.append((low, high))
+    (x_low, x_high), (y_low, y_high), (z_low, z_high) = canonical
+    x0, x1, y0, y1 = (int(round(v)) for v in (x_low, x_high, y_low, y_high))
+    if x0 == x1 or y0 == y1:
+        raise AnnotationError(f"the box is empty: it spans {x1 - x0 + 1} x {y1 - y0 + 1} voxels in the axial plane "
+                              "(draw it around the organ on an axial slice)")
+    return SliceBox(int(round((z_low + z_high) / 2)), x0, y0, x1, y1)
+
+
+def box_from_cli(restore: CanonicalRestore, text: str) -> SliceBox:
+    """``K,I0,J0,I1,J1`` (voxel indices on slice k of the image's third axis) -> the box on the canonical grid."""
+    try:
+        k, i0, j0, i1, j1 = (int(v) for v in text.split(","))
+    except ValueError:
+        raise AnnotationError(f"--box '{text}': expected K,I0,J0,I1,J1 (five integers, voxel indices)") from None
+    if restore.perm[2] != 2:
+        raise AnnotationError(f"--box slices the image's third axis, but this image's axial (superior-inferior) axis "
+                              f"is its axis {restore.perm[2]} (0-based): reorient it or draw the box in Slicer")
+    return box_from_ijk(restore, (i0, j0, k), (i1, j1, k))
+
+
+class Annotator:
+    """Box annotation on one volume: keeps the canonical volume and a per-slice embedding cache.
+
+    Create it (and call ``annotate``) on one thread: the torch worker in Slicer, the main thread headless.
+    """
+
+    def __init__(self, image: sitk.Image, encoder: torch.nn.Module, decoder: PromptDecoder, prep: Preprocessing,
+                 device: str = "cpu", precision: str = "auto", cache_slices: int = 256):
+        validate_volume(image, "input volume")
+        if decoder.input_size != prep.input_size:
+            raise SAMedError(f"the decoder takes {decoder.input_size}px input, the encoder {prep.input_size}px")
+        self.device, self.precision, self.prep = device, precision, prep
+        self.compute = precision_name(device, precision)  # also rejects an unknown precision
+        self.encoder = prepare_encoder(encoder.to(device).eval())
+        self.decoder = decoder.to(device).eval()
+        self.canonical, self.restore = to_canonical(image)
+        self.volume = sitk.GetArrayViewFromImage(self.canonical)  # (z, y, x) view
+        depth, height, width = self.volume.shape
+        spacing_x, spacing_y = self.canonical.GetSpacing()[:2]
+        self.spacing_yx = (spacing_y, spacing_x)
+        self.theta = slice_to_model_theta((height, width), self.spacing_yx, prep)
+        self.value_range = intensity_range(self.volume, prep)
+        # mm per decoder mask pixel: the model grid spans theta_x * (slice width in mm)
+        self.mask_pixel_mm = float(self.theta[0, 0]) * width * spacing_x / decoder.mask_size
+        self.cache_slices = cache_slices
+        self._embeddings: OrderedDict[int, torch.Tensor] = OrderedDict()
+        # Decoder results by (slice, prompts): applying again with one more box re-walks only what changed.
+        self._decoded: OrderedDict[tuple, tuple[torch.Tensor, np.ndarray]] = OrderedDict()
+        self.encoder_runs = 0
+        self.encoder_seconds = 0.0
+        self.decoder_runs = 0
+        self.decoder_seconds = 0.0
+
+    @classmethod
+    def from_model(cls, image: sitk.Image, model_path=None, device: str = "cpu", precision: str = "auto",
+                   base_checkpoint=None) -> "Annotator":
+        """Pretrained LiteMedSAM (default), or a fine-tuned model's encoder (LoRA merged) with its card's
+        preprocessing and the base model's pristine decoder."""
+        if model_path is None:
+            from .backbones import build_backbone
+
+            backbone = build_backbone("litemedsam")
+            return cls(image, backbone.image_encoder, PromptDecoder(backbone.prompt_encoder, backbone.mask_decoder),
+                       Preprocessing(), device, precision)
+        from .checkpoint import load_model
+
+        loaded = load_model(model_path, device=device, base_checkpoint=base_checkpoint)
+        return cls(image, loaded.model.image_encoder, loaded.prompt_decoder, loaded.card.preprocessing, device,
+                   precision)
+
+    # ------------------------------------------------------------------ per slice
+
+    def embedding(self, z: int) -> torch.Tensor:
+        """The encoder's embedding (1,C,h,w) of canonical slice ``z``, computed once while cached."""
+        if z in self._embeddings:
+            self._embeddings.move_to_end(z)
+            return self._embeddings[z]
+        start = time.perf_counter()
+        slices = torch.from_numpy(normalize_intensity(self.volume[z:z + 1], self.prep, self.value_range))
+        with torch.inference_mode():
+            # Resampling stays fp32, as in inference (a bf16 sampling grid is off by up to a model pixel).
+            inputs = model_input(slices.to(self.device), self.theta.to(self.device), self.prep, self.spacing_yx)
+            with autocast(self.device, self.precision):
+                embedding = self.encoder(inputs)
+        if self.compute != "fp32":  # kept in the compute type: LiteMedSAM's is 2 MB per slice in bf16/fp16
+            embedding = embedding.to(torch.bfloat16 if self.compute == "bf16" else torch.float16)
+        self.encoder_runs += 1
+        self.encoder_seconds += time.perf_counter() - start
+        self._embeddings[z] = embedding
+        if len(self._embeddings) > self.cache_slices:
+            self._embeddings.popitem(last=False)
+        return embedding
+
+    def model_box(self, box: SliceBox) -> tuple[float, float, float, float]:
+        """A slice box -> (x0, y0, x1, y1) in encoder-input pixels, covering the boxed voxels entirely."""
+        height, width = self.volume.shape[1:]
+        corners = native_to_model_xy(np.array([[box.x0 - 0.5, box.y0 - 0.5], [box.x1 + 0.5, box.y1 + 0.5]]),
+                                     self.theta, (height, width), self.prep.input_size)
+        low, high = np.clip(corners.min(0), 0, self.prep.input_size), np.clip(corners.max(0), 0, self.prep.input_size)
+        if np.any(high - low < 1):
+            raise AnnotationError(f"the box on slice {box.slice} lies outside the model's field of view "
+                                  f"({self.prep.input_size * self.prep.pixel_spacing_mm:.0f} mm around the slice centre)")
+        return float(low[0]), float(low[1]), float(high[0]), float(high[1])
+
+    def decode(self, z: int, prompts: list[Prompt]) -> tuple[torch.Tensor, np.ndarray]:
+        """Prompts on slice ``z`` -> the union of their masks as logits (s, s) on the decoder's mask grid (the
+        largest per pixel) and their predicted IoUs."""
+        key = (z, tuple(prompts))
+        if key in self._decoded:
+            self._decoded.move_to_end(key)
+            return self._decoded[key]
+        embedding = self.embedding(z)
+        start = time.perf_counter()
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            logits, iou = self.decoder(embedding, prompts)
+        self.decoder_runs += 1
+        self.decoder_seconds += time.perf_counter() - start
+        self._decoded[key] = result = (logits.float().amax(dim=0).cpu(), iou.float().cpu().numpy())
+        if len(self._decoded) > self.cache_slices:  # 256 KB each on LiteMedSAM's 256x256 mask grid
+            self._decoded.popitem(last=False)
+        return result
+
+    def native_mask(self, logits: torch.Tensor, kept: np.ndarray) -> np.ndarray:
+        """Mask-grid logits -> the mask on the native slice, without the islands ``clean_mask`` dropped from ``kept``.
+
+        The logits are resampled (not the binary mask), so a slice finer than the model grid gets a smooth outline.
+        """
+        height, width = self.volume.shape[1:]
+        maps = torch.stack([logits, torch.from_numpy(kept.astype(np.float32))])[None]
+        native, inside = from_model_grid(maps, self.theta, (height, width))
+        return ((native[0, 0] > 0) & (native[0, 1] > 0) & inside).numpy()
+
+    # ------------------------------------------------------------------ the volume
+
+    def annotate(self, boxes: list[SliceBox], propagate: bool = True,
+                 settings: PropagationSettings = PropagationSettings(),
+                 progress: ProgressCallback | None = None,
+                 should_cancel: Callable[[], bool] | None = None) -> np.ndarray:
+        """Boxes of one object -> its mask (bool, canonical (z, y, x)); ``to_image`` puts it on the input grid."""
+        from .inference import Cancelled
+
+        if not boxes:
+            raise AnnotationError("no box given: draw at least one box around the object")
+        depth = self.volume.shape[0]
+        for box in boxes:
+            if not 0 <= box.slice < depth:
+                raise AnnotationError(f"box slice {box.slice} is outside the volume's {depth} axial slices")
+        report = progress or (lambda fraction, message: None)
+        cancelled = should_cancel or (lambda: False)
+        scale = self.prep.input_size / self.decoder.mask_size
+        margin = settings.margin_mm / self.mask_pixel_mm
+        # slice -> (distance to the box it came from, logits, cleaned mask on the mask grid)
+        reached: dict[int, tuple[int, torch.Tensor, np.ndarray]] = {}
+        box_slices = sorted({b.slice for b in boxes})
+        work, done = len(box_slices) * (depth if propagate else 1), 0
+        for start_slice in box_slices:
+            if cancelled():
+                raise Cancelled("annotation cancelled")
+            prompts = [Prompt(self.model_box(b)) for b in boxes if b.slice == start_slice]
+            logits, _ = self.decode(start_slice, prompts)  # the user's boxes are kept whatever the IoU
+            mask = clean_mask(logits.numpy() > 0)
+            reached[start_slice] = (0, logits, mask)
+            done += 1
+            report(done / work, f"slice {start_slice}")
+            if not propagate:
+                continue
+            for step in (1, -1):
+                previous, z = mask, start_slice + step
+                while 0 <= z < depth and z not in box_slices:
+                    if z in reached and reached[z][0] <= abs(z - start_slice):
+                        # a nearer box's walk already covers this slice; only continue past it if it is ours
+                        break
+                    if cancelled():
+                        raise Cancelled("annotation cancelled")
+                    prompt = mask_prompt(previous, scale, margin=margin)
+                    if prompt is None:
+                        break
+                    logits, iou = self.decode(z, [prompt])
+                    current = clean_mask(logits.numpy() > 0)
+                    done += 1
+                    report(min(done / work, 0.99), f"slice {z}")
+                    area, previous_area = int(current.sum()), int(previous.sum())
+                    if (area == 0 or float(iou.max()) < settings.min_iou or area < settings.min_area_ratio * previous_area
+                            or area > settings.max_area_ratio * previous_area):
+                        break
+                    reached[z] = (abs(z - start_slice), logits, current)
+                    previous, z = current, z + step
+        result = np.zeros(self.volume.shape, dtype=bool)
+        for z, (_, logits, kept) in reached.items():
+            result[z] = self.native_mask(logits, kept)
+        report(1.0, f"{len(reached)} slices")
+        return result
+
+    def to_image(self, mask: np.ndarray, value: int = 1) -> sitk.Image:
+        """A canonical (z, y, x) mask -> a uint8/uint16 label map holding ``value`` inside, on exactly the input grid."""
+        dtype = np.uint8 if value < 256 else np.uint16
+        labels = sitk.GetImageFromArray(np.where(mask, value, 0).astype(dtype))
+        labels.CopyInformation(self.canonical)
+        return self.restore(labels)

@@ -1,0 +1,173 @@
+"""Box annotation (SAMedLib.annotation, ``samed annotate``) on real CT with pretrained LiteMedSAM."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from SAMedLib.annotation import AnnotationError, Annotator, SliceBox, box_from_cli, box_from_ijk
+from SAMedLib.cli import main as samed
+from SAMedLib.metrics import dice
+from SAMedLib.model_card import Preprocessing
+from SAMedLib.prompting import PromptDecoder
+from SAMedLib.volume_io import read_volume, resample_to_reference, to_canonical
+
+SPLEEN = 1
+CROP = (74, 92)  # canonical slices of ct_3mm around the spleen's inferior end (the spleen starts at slice 82)
+
+
+@pytest.fixture(scope="module")
+def spleen_volume(shared_data):
+    """ct_3mm cut to CROP on the canonical grid (a valid LPS volume of its own) and its spleen reference mask."""
+    image = read_volume(shared_data / "ct_3mm.nii.gz")
+    reference = resample_to_reference(read_volume(shared_data / "ct_3mm_labels.nii.gz", allow_constant=True), image)
+    canonical, canonical_ref = to_canonical(image)[0], to_canonical(reference)[0]
+    crop = canonical[:, :, CROP[0]:CROP[1]]
+    spleen = sitk.GetArrayFromImage(canonical_ref[:, :, CROP[0]:CROP[1]]) == SPLEEN
+    return crop, spleen
+
+
+@pytest.fixture(scope="module")
+def annotator(spleen_volume, lite):
+    backbone = copy.deepcopy(lite)  # prepare_encoder folds BatchNorm in place: keep the shared backbone pristine
+    return Annotator(spleen_volume[0], backbone.image_encoder,
+                     PromptDecoder(backbone.prompt_encoder, backbone.mask_decoder), Preprocessing())
+
+
+def reference_box(mask: np.ndarray, z: int) -> SliceBox:
+    ys, xs = np.nonzero(mask[z])
+    return SliceBox(z, int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
+
+
+@pytest.mark.slow
+def test_box_segments_its_slice_and_propagation_stops_at_the_organs_end(annotator, spleen_volume):
+    _, spleen = spleen_volume
+    present = np.flatnonzero(spleen.any(axis=(1, 2)))
+    top = len(spleen) - 2
+    one_slice = annotator.annotate([reference_box(spleen, top)], propagate=False)
+    assert np.flatnonzero(one_slice.any(axis=(1, 2))).tolist() == [top]
+    assert dice(one_slice[top], spleen[top]) > 0.85
+
+    mask = annotator.annotate([reference_box(spleen, top)])
+    annotated = np.flatnonzero(mask.any(axis=(1, 2)))
+    assert annotated.max() == len(spleen) - 1  # walked up to the end of the volume
+    assert annotated.min() >= present.min() - 3  # and stopped at the spleen's inferior end
+    assert annotated.min() <= present.min() + 3  # ... not long before it
+    assert np.array_equal(annotated, np.arange(annotated.min(), annotated.max() + 1))  # no gaps
+    assert dice(mask, spleen) > 0.8
+
+
+@pytest.mark.slow
+def test_distant_boxes_join_and_the_encoder_runs_once_per_slice(annotator, spleen_volume):
+    _, spleen = spleen_volume
+    present = np.flatnonzero(spleen.any(axis=(1, 2)))
+    low, high = int(present.min()) + 1, len(spleen) - 1
+    boxes = [reference_box(spleen, low), reference_box(spleen, high)]
+    encoder_runs, decoder_runs = annotator.encoder_runs, annotator.decoder_runs
+    first = annotator.annotate(boxes, propagate=False)
+    assert np.flatnonzero(first.any(axis=(1, 2))).tolist() == [low, high]
+    joined = annotator.annotate(boxes)
+    assert np.all(joined[low:high + 1].any(axis=(1, 2)))  # one mask from one box to the other
+    assert dice(joined[low:high + 1], spleen[low:high + 1]) > 0.8
+    # Every slice was encoded once, however many boxes and walks decoded it (the earlier test filled the cache).
+    assert annotator.encoder_runs == len(annotator._embeddings) <= len(spleen)
+    assert annotator.encoder_runs - encoder_runs <= 2  # at most the two box slices were new
+    assert annotator.decoder_runs - decoder_runs >= high - low - 1  # the walks between the boxes were decoded
+
+
+def test_annotate_needs_a_box_inside_the_volume(annotator):
+    with pytest.raises(AnnotationError, match="no box"):
+        annotator.annotate([])
+    with pytest.raises(AnnotationError, match="outside the volume"):
+        annotator.annotate([SliceBox(99, 10, 10, 20, 20)])
+
+
+# --------------------------------------------------------------------------- boxes and the CLI (no model)
+
+
+def _permuted_image() -> sitk.Image:
+    """A volume stored with its axial axis first: the third storage axis is not superior-inferior."""
+    image = sitk.GetImageFromArray(np.random.default_rng(0).normal(0, 100, (12, 10, 8)).astype(np.int16))
+    image.SetDirection((0, 1, 0, 0, 0, 1, 1, 0, 0))  # columns: i -> S, j -> L, k -> P
+    image.SetSpacing((2.0, 1.0, 1.5))
+    return image
+
+
+def test_box_from_ijk_follows_flips_and_permutations():
+    image = _permuted_image()
+    canonical, restore = to_canonical(image)
+    original = sitk.GetArrayFromImage(image)
+    values = np.arange(original.size).reshape(original.shape)
+    labelled = sitk.GetImageFromArray(values)
+    labelled.CopyInformation(image)
+    on_canonical = sitk.GetArrayFromImage(to_canonical(labelled)[0])
+    a, b = (4, 1, 2), (4, 6, 9)  # (i, j, k): the same i, the axial axis of this image
+    box = box_from_ijk(restore, a, b)
+    inside = on_canonical[box.slice, box.y0:box.y1 + 1, box.x0:box.x1 + 1]
+    expected = values[2:10, 1:7, 4]  # [k, j, i]
+    assert sorted(inside.ravel()) == sorted(expected.ravel())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--box", "3,1,1,5,5"], "axial"),  # the third axis of this image is not superior-inferior
+])
+def test_cli_refuses_a_box_on_a_non_axial_third_axis(tmp_path, capsys, args, message):
+    path = tmp_path / "permuted.nii.gz"
+    sitk.WriteImage(_permuted_image(), str(path))
+    assert samed(["annotate", str(path), *args, "--output", str(tmp_path / "out.nii.gz")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("samed: error:") and message in err[0]
+    assert not (tmp_path / "out.nii.gz").exists()
+
+
+@pytest.mark.parametrize("box, message", [
+    ("3,1,1,50,5", "outside the image"),
+    ("30,1,1,5,5", "outside the image"),
+    ("3,4,1,4,6", "empty"),
+    ("3,1,1,5", "five integers"),
+])
+def test_cli_box_validation(tmp_path, capsys, box, message):
+    image = sitk.GetImageFromArray(np.random.default_rng(1).normal(0, 100, (12, 10, 8)).astype(np.int16))
+    path = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(image, str(path))
+    assert samed(["annotate", str(path), "--box", box, "--output", str(tmp_path / "out.nii.gz")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("samed: error:") and message in err[0], err
+    assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_box_from_cli_maps_voxel_indices():
+    image = sitk.GetImageFromArray(np.zeros((12, 10, 8), np.int16))
+    image.SetDirection((-1, 0, 0, 0, 1, 0, 0, 0, -1))  # x and z stored reversed
+    restore = to_canonical(image)[1]
+    box = box_from_cli(restore, "3,1,2,5,6")
+    assert box == SliceBox(12 - 1 - 3, 8 - 1 - 5, 2, 8 - 1 - 1, 6)
+
+
+@pytest.mark.slow
+def test_cli_annotate_writes_the_value_on_the_input_grid(tmp_path, spleen_volume, tiny_checkpoint):
+    crop, spleen = spleen_volume
+    # Stored with the x axis reversed (RAS-like), so the voxel box must be mapped to the canonical grid.
+    flipped = sitk.Flip(crop, [True, False, False])
+    path, out = tmp_path / "ct.nii.gz", tmp_path / "spleen.nrrd"
+    sitk.WriteImage(flipped, str(path))
+    z = len(spleen) - 1
+    ys, xs = np.nonzero(spleen[z])
+    width = crop.GetSize()[0]
+    box = f"{z},{width - 1 - xs.max()},{ys.min()},{width - 1 - xs.min()},{ys.max()}"
+    assert samed(["annotate", str(path), "--box", box, "--value", "7", "--no-propagate", "-q",
+                  "--output", str(out), "--device", "cpu"]) == 0
+    result = sitk.ReadImage(str(out))
+    assert result.GetSize() == flipped.GetSize() and np.allclose(result.GetDirection(), flipped.GetDirection())
+    assert np.allclose(result.GetOrigin(), flipped.GetOrigin()) and np.allclose(result.GetSpacing(), flipped.GetSpacing())
+    labels = sitk.GetArrayFromImage(result)
+    assert set(np.unique(labels)) == {0, 7}
+    assert np.flatnonzero(labels.any(axis=(1, 2))).tolist() == [z]
+    assert dice(labels[z][:, ::-1] == 7, spleen[z]) > 0.85
+    # --model: a fine-tuned model's encoder with the base decoder; a frozen-encoder model's encoder is the base one
+    with_model = tmp_path / "with_model.nrrd"
+    assert samed(["annotate", str(path), "--box", box, "--value", "7", "--no-propagate", "-q", "--output",
+                  str(with_model), "--device", "cpu", "--model", str(tiny_checkpoint)]) == 0
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(with_model))), labels)
