@@ -160,7 +160,7 @@ def test_samed_segment_and_evaluate_human_output_and_previews(shared_data, tiny_
                      "--batch-size", "1", "--preview", str(segment_png)]) == 0
     err = capsys.readouterr().err
     _no_python_reprs(err)
-    assert re.search(r"^segmenting 2 slices on cpu \((fp32|bf16)\)$", err, re.M), err
+    assert re.search(r"^segmenting 2 of 2 slices on cpu \((fp32|bf16)\)$", err, re.M), err
     assert re.search(r"^segment: 100% slice 2/2, \d+\.\d\d s/slice \(", err, re.M), err
     assert err.splitlines()[-1] == f"wrote preview {segment_png}"
     assert _png_size(segment_png)[0] > 600

@@ -15,8 +15,11 @@ from .prompting import PromptDecoder, mask_prompts
 
 __all__ = ["refine_logits", "ABSENT_LOGIT", "KEPT_LOGIT"]
 
-ABSENT_LOGIT = -1.0e4  # a class with no prompt on a slice is absent from it
-KEPT_LOGIT = 1.0e3  # a class that is not refined keeps the head's pixels
+# A class that is not refined keeps the head's pixels (KEPT, above any decoder logit); a class with no prompt on a
+# slice is absent (ABSENT). Symmetric, so that resampling to the slice puts a kept mask's edge half-way, as the
+# head's own logits would.
+KEPT_LOGIT = 1.0e3
+ABSENT_LOGIT = -KEPT_LOGIT
 MAX_GROWTH = 2.5  # a refined mask more than this times the head's area is a decoder runaway, not a correction
 
 
