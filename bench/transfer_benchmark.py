@@ -177,6 +177,7 @@ def main() -> None:
     parser.add_argument("--extra", default="", help="extra `samed train` options for every case (selection runs)")
     parser.add_argument("--tag", default="transfer", help="results file name (bench/results/TAG.{json,md})")
     parser.add_argument("--baselines", default="upper_bound,unet,lora", help="comma list, or empty")
+    parser.add_argument("--baseline-cases", default="forward,reverse", help="cases the LoRA/U-Net baselines run on")
     parser.add_argument("--lora-iterations", type=int, default=None, help="LoRA run's iterations (default: CPU default)")
     parser.add_argument("--reuse", action="store_true", help="keep models already trained in --out")
     parser.add_argument("--render", action="store_true", help="only rewrite the Markdown from the JSON results")
@@ -239,9 +240,9 @@ def main() -> None:
             results["prompted_upper_bound"][case] = {o: round(bound["classes"][o]["dice"], 4) for o in ORGANS}
         save()
     if "lora" in baselines:
-        results["lora"] = {}
+        results.setdefault("lora", {})
         lora_extra = ["--mode", "lora"] + (["--iterations", str(args.lora_iterations)] if args.lora_iterations else [])
-        for case in ("forward", "reverse"):
+        for case in args.baseline_cases.split(","):
             _, _, test_scan, _ = CASES[case]
             image, reference = scans[test_scan]
             model, seconds = train(args.out, case, seeds[0], lora_extra + extra, reuse=args.reuse)
@@ -254,9 +255,9 @@ def main() -> None:
     if "unet" in baselines:
         from unet_baseline import train_and_segment
 
-        results["unet"] = {}
+        results.setdefault("unet", {})
         budget = results["cases"].get("forward", {}).get("summary", {}).get("train_seconds") or 300.0
-        for case in ("forward", "reverse"):
+        for case in args.baseline_cases.split(","):
             train_scan, _, test_scan, _ = CASES[case]
             image, reference = scans[test_scan]
             pred, seconds = train_and_segment(scans[train_scan], classes, image, budget_seconds=budget, seed=seeds[0])
