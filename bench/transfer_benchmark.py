@@ -119,7 +119,7 @@ def score(pred: sitk.Image, reference: sitk.Image, classes) -> dict:
 
 def train(out: Path, case: str, seed: int, extra: list[str], reuse: bool) -> tuple[Path, float | None]:
     scan, case_extra, _, _ = CASES[case]
-    tag = "_".join([scan, *[e.strip("-") for e in case_extra + extra], f"seed{seed}"])
+    tag = "_".join([scan, *[e.strip("-") for e in case_extra + extra], f"seed{seed}"]).replace("/", "_")
     model = out / f"{tag}.safetensors"
     if reuse and model.exists():
         return model, json.loads((out / f"{tag}.json").read_text())["seconds"] if (out / f"{tag}.json").exists() else None
