@@ -25,7 +25,7 @@ from .acceleration import autocast, precision_name, prepare_encoder
 from .errors import SAMedError
 from .model_card import Preprocessing
 from .preprocessing import from_model_grid, intensity_range, model_input, normalize_intensity, slice_to_model_theta
-from .prompting import Prompt, PromptDecoder, clean_mask, mask_prompt, native_to_model_xy
+from .prompting import Prompt, PromptDecoder, clean_mask, mask_pixel_mm, mask_prompt, native_to_model_xy
 from .volume_io import CanonicalRestore, to_canonical, validate_volume
 
 __all__ = ["AnnotationError", "SliceBox", "PropagationSettings", "Annotator", "box_from_ijk", "box_from_cli"]
@@ -117,8 +117,7 @@ class Annotator:
         self.spacing_yx = (spacing_y, spacing_x)
         self.theta = slice_to_model_theta((height, width), self.spacing_yx, prep)
         self.value_range = intensity_range(self.volume, prep)
-        # mm per decoder mask pixel: the model grid spans theta_x * (slice width in mm)
-        self.mask_pixel_mm = float(self.theta[0, 0]) * width * spacing_x / decoder.mask_size
+        self.mask_pixel_mm = mask_pixel_mm(self.theta, width, spacing_x, decoder.mask_size)
         self.cache_slices = cache_slices
         self._embeddings: OrderedDict[int, torch.Tensor] = OrderedDict()
         # Decoder results by (slice, prompts): applying again with one more box re-walks only what changed.

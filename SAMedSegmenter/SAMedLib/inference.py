@@ -21,7 +21,7 @@ from .checkpoint import LoadedModel
 from .cleanup import clean_labels
 from .errors import SAMedError
 from .model_card import Postprocessing
-from .prompting import PromptDecoder
+from .prompting import PromptDecoder, mask_pixel_mm
 from .refinement import refine_logits
 from .preprocessing import from_model_grid, intensity_range, model_input, normalize_intensity, slice_to_model_theta
 from .volume_io import to_canonical, validate_volume
@@ -197,9 +197,7 @@ class SlicePredictor:
         return self
 
     def margin_px(self, width: int, mask_size: int) -> float:
-        # mm per mask pixel: the model grid covers theta_x * (slice width in mm)
-        mm_per_pixel = float(self.theta[0, 0]) * width * self.spacing_yx[1] / mask_size
-        return self.post.box_margin_mm / mm_per_pixel
+        return self.post.box_margin_mm / mask_pixel_mm(self.theta, width, self.spacing_yx[1], mask_size)
 
     def __call__(self, slices: torch.Tensor, device: str) -> tuple[torch.Tensor, torch.Tensor]:
         height, width = slices.shape[-2:]

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["PromptDecoder", "Prompt", "mask_prompt", "mask_prompts", "clean_mask", "native_to_model_xy"]
+__all__ = ["PromptDecoder", "Prompt", "mask_prompt", "mask_prompts", "clean_mask", "native_to_model_xy",
+           "mask_pixel_mm"]
 
 
 @dataclass(frozen=True)
@@ -124,3 +125,9 @@ def native_to_model_xy(xy: np.ndarray, theta: torch.Tensor, slice_shape: tuple[i
     native = (2.0 * np.asarray(xy, float) + 1.0) / np.array([width, height]) - 1.0
     model = np.linalg.solve(t[:, :2], (native - t[:, 2]).T).T
     return (model + 1.0) * size / 2.0 - 0.5
+
+
+def mask_pixel_mm(theta: torch.Tensor, width: int, spacing_x: float, mask_size: int) -> float:
+    """Millimetres per pixel of the decoder's mask grid for a slice ``width`` pixels of ``spacing_x`` mm wide:
+    the model grid spans theta_x x (slice width in mm)."""
+    return float(theta[0, 0]) * width * spacing_x / mask_size
