@@ -495,7 +495,7 @@ def test_short_real_fine_tune_raises_liver_dice(shared_data, tmp_path, capsys, l
     assert card.preprocessing.resolution_mm == 3.0  # the training scan's in-plane spacing: inference smooths to it
     # Refinement chosen class by class on the validation volume: the best choice, "none" unless beaten by 0.01.
     [choice] = [e for e in events if e["event"] == "refinement"]
-    assert card.postprocessing.refinement_by_class == choice["chosen"] and card.postprocessing.cleanup == "components"
+    assert card.postprocessing.refinement_by_class == choice["chosen"] and card.postprocessing.cleanup == "extent"
     for name, chosen in choice["chosen"].items():
         dice_of = {c: (d[name] if d[name] is not None else -1.0) for c, d in choice["validation_dice"].items()}
         assert dice_of[chosen] - (0.01 if chosen != "none" else 0) >= max(

@@ -9,7 +9,7 @@ from torch import nn
 
 from SAMedLib.augmentation import AugmentationConfig, apply_class_levels, sample_view
 from SAMedLib.checkpoint import load_model
-from SAMedLib.cleanup import keep_plausible_components
+from SAMedLib.cleanup import clean_label_image, keep_main_extent, keep_plausible_components
 from SAMedLib.inference import segment_image
 from SAMedLib.metrics import dice
 from SAMedLib.model_card import Postprocessing, Preprocessing
@@ -215,6 +215,68 @@ def test_cleanup_drops_a_large_but_unconfident_component():
     confidence[6:10] = 100
     out = keep_plausible_components(labels, confidence, [1], (2.0, 1.0, 1.0))
     assert (out[0:4, 0:10, 0:10] == 1).all() and not (out[6:10] == 1).any()
+
+
+def _organ_with_attached_false_positive() -> tuple[np.ndarray, np.ndarray]:
+    """Liver (5) and stomach (6) side by side on slices 20-39; the liver's label runs on, connected, as a
+    bowel-sized plateau over slices 0-17 (what a model trained on 40 mm predicts on pelvic slices)."""
+    labels = np.zeros((40, 60, 60), np.uint8)
+    for z in range(20, 40):
+        radius = 4 + (z - 20)  # the liver's tip at slice 20, growing upwards
+        yy, xx = np.ogrid[:60, :60]
+        labels[z][(yy - 30) ** 2 + (xx - 25) ** 2 <= min(radius, 22) ** 2] = 5
+    labels[24:40, 40:55, 45:58] = 6
+    labels[0:20, 22:38, 17:33] = 5  # the false plateau, touching the tip: one 3D component with the liver
+    confidence = np.full(labels.shape, 240, np.uint8)
+    return labels, confidence
+
+
+def test_extent_cuts_a_false_plateau_connected_to_the_organ():
+    labels, confidence = _organ_with_attached_false_positive()
+    out = keep_main_extent(labels, confidence, [5, 6], (3.0, 1.0, 1.0))
+    assert not (out[:18] == 5).any(), "the plateau beyond the liver's tip survived"
+    assert (out[22:] == labels[22:]).all(), "the true liver or stomach lost voxels"
+    # Components alone keep it: it is the same 3D component as the liver.
+    assert (keep_plausible_components(labels, confidence, [5, 6], (3.0, 1.0, 1.0))[:18] == 5).any()
+
+
+def test_extent_keeps_the_mode_where_classes_co_occur_even_when_a_false_one_is_bigger():
+    labels, confidence = _organ_with_attached_false_positive()
+    labels[:20][labels[:20] == 5] = 0  # the liver without its plateau
+    labels[0:14, 10:50, 10:50] = 6  # a stomach-like false mode, bigger than the true one, alone on slices 0-13
+    out = keep_main_extent(labels, confidence, [5, 6], (3.0, 1.0, 1.0))
+    assert not (out[:14] == 6).any() and (out[24:40, 40:55, 45:58] == 6).all()
+
+
+def test_extent_keeps_an_organ_with_a_missed_slice_and_real_reference_organs(shared_data):
+    labels = np.zeros((30, 20, 20), np.uint8)
+    for z in range(30):
+        labels[z, 2:2 + max(2, 16 - abs(z - 15)), 2:18] = 1  # rises and falls once
+    labels[10] = 0  # one slice missed by the head: not a waist
+    assert (keep_main_extent(labels, None, [1], (2.0, 1.0, 1.0)) == labels).all()
+    # Real organs of both scans (reference labels) pass untouched, whatever the orientation.
+    for name in ("ct_3mm_labels.nii.gz", "ct_dicom_labels.nii.gz"):
+        reference = read_volume(shared_data / name, allow_constant=True)
+        array = sitk.GetArrayFromImage(reference)
+        organs = [1, 2, 3, 5, 6, 52]
+        kept = np.where(np.isin(array, organs), array, 0).astype(np.uint8)
+        image = sitk.GetImageFromArray(kept)
+        image.CopyInformation(reference)
+        assert (sitk.GetArrayFromImage(clean_label_image(image, None, organs, "extent")) == kept).all(), name
+
+
+def test_extent_on_a_label_image_finds_the_body_axis_in_any_orientation():
+    labels, confidence = _organ_with_attached_false_positive()
+    expected = keep_main_extent(labels, confidence, [5, 6], (3.0, 1.0, 1.0))
+    # The same volume stored with the body axis as the image's first (x) axis, flipped.
+    stored = np.ascontiguousarray(np.flip(np.moveaxis(labels, 0, 2), 2))  # numpy (y', x', z') -> x' is body axis
+    image = sitk.GetImageFromArray(stored)
+    image.SetSpacing((3.0, 1.0, 1.0))
+    image.SetDirection((0, 0, 1, 0, 1, 0, -1, 0, 0))  # image x runs towards inferior: flipped body axis
+    weight = sitk.GetImageFromArray(np.full(stored.shape, 240, np.uint8))
+    weight.CopyInformation(image)
+    out = sitk.GetArrayFromImage(clean_label_image(image, weight, [5, 6], "extent"))
+    assert (np.moveaxis(np.flip(out, 2), 2, 0) == expected).all()
 
 
 # --------------------------------------------------------------------------- phase augmentation

@@ -4,15 +4,28 @@ Keeping only the largest component deletes true organs that appear in two pieces
 slice plane, a kidney with its pole); keeping everything leaves islands on slices far from the organ.
 ``keep_plausible_components`` scores each 3D component by its size and the head's mean confidence and
 keeps the best one plus every other component that is comparable to it.
+
+Components cannot remove false positives that touch the organ: a model trained on 40 mm of upper abdomen
+predicts "liver" on every pelvic slice, 3D-connected to the true liver. ``keep_main_extent`` works on each
+class's z-profile instead: an organ's cross-section grows and shrinks once along the body axis, so where
+the profile falls to a deep waist and then rises again, what lies beyond the waist is something else.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import SimpleITK as sitk
 
-__all__ = ["keep_largest_component", "keep_plausible_components", "clean_labels", "clean_label_image"]
+__all__ = ["keep_largest_component", "keep_plausible_components", "keep_main_extent", "clean_labels",
+           "clean_label_image"]
 
 CONNECTIVITY = np.ones((3, 3, 3), bool)  # 26-connected
+# keep_main_extent's thresholds, chosen on the slab selection split (bench/transfer_selection.py; 0.2-0.3 and
+# 1.5-2.0 gave the same result there): a waist is a fall to <= WAIST of the mode's peak, and what follows
+# belongs to another structure once the profile climbs back to >= RISE x the waist (and by >= 5 % of the peak).
+WAIST = 0.25
+RISE = 1.5
+PROFILE_SMOOTHING_MM = 9.0  # median over ~9 mm of slices: one missed slice is not a waist
 
 
 def keep_largest_component(labels: np.ndarray, values: list[int]) -> np.ndarray:
@@ -60,9 +73,79 @@ def keep_plausible_components(labels: np.ndarray, confidence: np.ndarray | None,
     return out
 
 
+def class_profiles(labels: np.ndarray, confidence: np.ndarray | None, values: list[int],
+                   spacing_zyx: tuple[float, float, float]) -> dict[int, np.ndarray]:
+    """Per class, its confidence-weighted cross-section area (mm^2) on each slice of axis 0, median-smoothed."""
+    from scipy import ndimage
+
+    size = max(1, int(round(PROFILE_SMOOTHING_MM / spacing_zyx[0]))) | 1
+    weight = (confidence.astype(np.float32) / 255.0) if confidence is not None else np.ones(labels.shape, np.float32)
+    pixel_mm2 = spacing_zyx[1] * spacing_zyx[2]
+    profiles = {}
+    for value in values:
+        area = np.where(labels == value, weight, 0).reshape(labels.shape[0], -1).sum(1) * pixel_mm2
+        profiles[value] = ndimage.median_filter(area, size=size, mode="nearest") if size > 1 else area
+    return profiles
+
+
+def co_occurrence_slice(profiles: dict[int, np.ndarray]) -> int:
+    """The slice where the classes are present together the most (sum of each profile over its own peak).
+
+    A one-volume model is trained where its classes lie side by side; false positives far from that
+    region are one class at a time. Starting each class's walk here picks the true mode even when a false
+    one is bigger (a stomach-shaped bowel loop larger than the true stomach, measured on the slab split).
+    """
+    total = sum((p / p.max() for p in profiles.values() if p.max() > 0), np.zeros(len(next(iter(profiles.values())))))
+    return int(np.argmax(total))
+
+
+def main_extent(profile: np.ndarray, start: int) -> tuple[int, int]:
+    """[first, last] slice of the mode of ``profile`` that holds ``start`` (its own peak if ``start`` is
+    nearly empty), cut at the first deep waist on each side that the profile climbs out of again."""
+    if profile[start] < 0.1 * profile.max():
+        start = int(np.argmax(profile))
+    ends = []
+    for step in (-1, 1):
+        peak = low = profile[start]
+        low_at, z, end = start, start + step, (0 if step < 0 else len(profile) - 1)
+        while 0 <= z < len(profile):
+            value = profile[z]
+            deep = low <= WAIST * peak
+            if value < low:
+                low, low_at = value, z
+            elif deep and value >= RISE * low and value - low >= 0.05 * peak:
+                end = low_at
+                break
+            elif not deep and value > peak:  # still climbing this mode
+                peak = low = value
+                low_at = z
+            z += step
+        ends.append(end)
+    return ends[0], ends[1]
+
+
+def keep_main_extent(labels: np.ndarray, confidence: np.ndarray | None, values: list[int],
+                     spacing_zyx: tuple[float, float, float]) -> np.ndarray:
+    """Per class, drop its voxels on slices (axis 0) outside its main extent (module doc)."""
+    profiles = class_profiles(labels, confidence, values, spacing_zyx)
+    present = {v: p for v, p in profiles.items() if p.max() > 0}
+    if not present:
+        return labels
+    start = co_occurrence_slice(present)
+    out = labels.copy()
+    for value, profile in present.items():
+        first, last = main_extent(profile, start)
+        for outside in (out[:first], out[last + 1:]):
+            outside[outside == value] = 0
+    return out
+
+
 def clean_labels(labels: np.ndarray, confidence: np.ndarray | None, values: list[int],
                  spacing_zyx: tuple[float, float, float], cleanup: str) -> np.ndarray:
-    """Apply the named clean-up (model_card.CLEANUPS) to a (z, y, x) label array."""
+    """Apply the named clean-up (model_card.CLEANUPS) to a (z, y, x) label array whose axis 0 is the body axis."""
+    if cleanup == "extent":
+        labels = keep_main_extent(labels, confidence, values, spacing_zyx)
+        return keep_plausible_components(labels, confidence, values, spacing_zyx)
     if cleanup == "largest":
         return keep_largest_component(labels, values)
     if cleanup == "components":
@@ -73,10 +156,16 @@ def clean_labels(labels: np.ndarray, confidence: np.ndarray | None, values: list
 
 
 def clean_label_image(labels: sitk.Image, confidence: sitk.Image | None, values: list[int], cleanup: str) -> sitk.Image:
-    """``clean_labels`` on a label image (and the confidence image ``segment_image`` returns), same grid out."""
-    array = clean_labels(sitk.GetArrayFromImage(labels),
-                         None if confidence is None else sitk.GetArrayFromImage(confidence), values,
-                         tuple(reversed(labels.GetSpacing())), cleanup)
-    out = sitk.GetImageFromArray(array)
+    """``clean_labels`` on a label image (and the confidence image ``segment_image`` returns), same grid out.
+
+    Works on any orientation: the image axis closest to the patient's superior-inferior axis is the body axis.
+    """
+    si_axis = 2 - int(np.argmax(np.abs(np.array(labels.GetDirection()).reshape(3, 3)[2])))  # numpy (z, y, x) order
+    spacing = tuple(reversed(labels.GetSpacing()))
+    order = [si_axis] + [a for a in range(3) if a != si_axis]
+    array = np.moveaxis(sitk.GetArrayFromImage(labels), si_axis, 0)
+    weight = None if confidence is None else np.moveaxis(sitk.GetArrayFromImage(confidence), si_axis, 0)
+    cleaned = clean_labels(array, weight, values, tuple(spacing[a] for a in order), cleanup)
+    out = sitk.GetImageFromArray(np.ascontiguousarray(np.moveaxis(cleaned, 0, si_axis)))
     out.CopyInformation(labels)
     return out

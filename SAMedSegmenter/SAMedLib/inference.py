@@ -86,7 +86,7 @@ def segment_image(image: sitk.Image, model: LoadedModel, *, device: str = "auto"
         largest_component: keep only each class's largest 3D connected component (same as ``cleanup="largest"``).
         refinement: ``none``, ``box`` or ``box+point`` (self-prompted refinement, SAMedLib.refinement);
             None: what the model card says.
-        cleanup: 3D clean-up ``none``, ``components`` or ``largest`` (SAMedLib.cleanup); None: the card's.
+        cleanup: 3D clean-up ``none``, ``components``, ``extent`` or ``largest`` (SAMedLib.cleanup); None: the card's.
         precision: ``auto`` (fp16 on CUDA, bf16 on CPUs with native bf16, else fp32) or ``fp32``.
         progress: called with (fraction done, message) after every batch.
         should_cancel: checked between batches; returning True raises ``Cancelled``.
@@ -126,7 +126,7 @@ def segment_image(image: sitk.Image, model: LoadedModel, *, device: str = "auto"
     values = torch.tensor([0] + [c.value for c in card.classes], dtype=torch.int32)
     out_dtype = np.uint8 if max(c.value for c in card.classes) < 256 else np.uint16
     labels = np.zeros(volume.shape, dtype=out_dtype)
-    with_confidence = post.cleanup == "components" or return_confidence
+    with_confidence = post.cleanup in ("components", "extent") or return_confidence
     confidence = np.zeros(volume.shape, dtype=np.uint8) if with_confidence else None
     predictor = SlicePredictor(net, theta, (spacing_y, spacing_x), prep, precision, decoder, post, refinements,
                                 with_confidence)

@@ -53,7 +53,7 @@ class Preprocessing:
 
 
 REFINEMENTS = ("none", "box", "box+point")
-CLEANUPS = ("none", "components", "largest")
+CLEANUPS = ("none", "components", "extent", "largest")
 
 
 @dataclass
@@ -67,8 +67,9 @@ class Postprocessing:
     # vessels: chosen class by class on the validation slices). Classes not named use ``refinement``.
     refinement_by_class: dict[str, str] = field(default_factory=dict)
     box_margin_mm: float = 8.0  # the head under-segments: a box grown by ~6-13 mm beat a tight one (probe)
-    # 3D clean-up of each class: "components" keeps plausible components (size x confidence, z-continuity),
-    # "largest" keeps only the largest component, "none" keeps everything.
+    # 3D clean-up of each class: "components" keeps plausible components (size x confidence), "extent" first
+    # cuts each class's z-profile at deep waists (false positives 3D-connected to the organ), then does
+    # "components"; "largest" keeps only the largest component, "none" keeps everything (SAMedLib.cleanup).
     cleanup: str = "none"
 
     def class_refinements(self, class_names: list[str]) -> list[str]:

@@ -81,7 +81,7 @@ class TrainConfig:
     cache_dir: str | None = None
     precision: str = "auto"  # frozen-encoder embeddings: bf16 on CPUs with native bf16, fp16 on CUDA
     refinement: str = "auto"  # auto: chosen on the validation slices among REFINEMENTS; or one of them
-    cleanup: str = "components"  # 3D clean-up recorded in the card (model_card.CLEANUPS)
+    cleanup: str = "extent"  # 3D clean-up recorded in the card (model_card.CLEANUPS; chosen on the slab split)
     resume: bool = False
     stop_file: str | None = None  # stop cleanly once this file exists (no signal needed, e.g. Windows GUIs)
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
