@@ -69,11 +69,18 @@ CASES = {
     "phase-liver-spleen-60": ("ct_3mm", [], "ct_dicom", {1: -60.0, 5: -60.0}),
 }
 FEATHER_SIGMA_MM = 1.5
+POSTS = {"on": {}, "components": {"cleanup": "components"}, "off": {"refinement": "none", "cleanup": "none"}}
 SELECTION_RECORD = [
     "Head: the SAMed head stays the CPU default. A linear head (the self-prompting paper's choice, much cheaper) "
     "was tried on the selection run forward/seed 0: 0.647 mean Dice (spleen 0.36) without post-processing, "
-    "0.672 at best with it, against the SAMed head's 0.837 of stop 8; rejected. (The slab split was not run "
-    "for lack of CPU time this session.)",
+    "0.672 at best with it, against the SAMed head's 0.837 of stop 8; rejected.",
+    "Clean-up `extent` (each class's z-profile cut at deep waists, walked out from the slice where the classes "
+    "co-occur) and its thresholds (waist 0.25, rise 1.5; 0.2-0.3 x 1.5-2.0 gave identical results) were chosen "
+    "on the slab split alone (bench/transfer_selection.py: ct_3mm slices 90-103, training seed 0, scored on the "
+    "whole ct_3mm): box refinement + components 0.639 mean Dice, 51731 false-positive voxels beyond the organs' "
+    "extent; + extent 0.899, 0 voxels. The co-occurrence start was added there too (the stomach's false mode on "
+    "the slab split is larger than the true stomach). Forward, reverse and the phase cases confirm it; the "
+    "`components` rows are the ablation on the same models.",
     "Refinement (none/box/box+point) is chosen per class by `samed train` on the training volume's validation "
     "slices; with no validation slices (ct_dicom has 20 slices, all used) every class gets `box`.",
     "One box per island of a class's mask and the 2.5x growth fallback were found by inspecting the forward "
@@ -137,9 +144,10 @@ def train(out: Path, case: str, seed: int, extra: list[str], reuse: bool) -> tup
 
 def segment_and_score(model_path: Path, image: sitk.Image, reference: sitk.Image, classes,
                       post: str) -> tuple[dict, float]:
-    """post: "on" = the card's refinement and clean-up, "off" = the prompt-free head alone."""
+    """post: "on" = the card's refinement and clean-up, "off" = the prompt-free head alone, "components" = the
+    card's refinement with the previous default clean-up (components only; the ablation of "extent")."""
     model = load_model(model_path)
-    options = {} if post == "on" else {"refinement": "none", "cleanup": "none"}
+    options = POSTS[post]
     start = time.perf_counter()
     pred = segment_image(image, model, device="cpu", **options)
     return score(pred, reference, classes), time.perf_counter() - start
@@ -148,7 +156,7 @@ def segment_and_score(model_path: Path, image: sitk.Image, reference: sitk.Image
 def summarise(runs: list[dict]) -> dict:
     """Per organ and post-processing: mean and std of Dice / HD95 / fp_outside over the seeds."""
     out = {}
-    for post in ("on", "off"):
+    for post in POSTS:
         rows = [r[post] for r in runs if post in r]
         if not rows:
             continue
@@ -217,7 +225,7 @@ def main() -> None:
             model, train_seconds = train(args.out, case, seed, extra, reuse=True if shifts else args.reuse)
             run = {"seed": seed, "train_seconds": round(train_seconds, 1) if train_seconds else None,
                    "model": model.name}
-            for post in ("on", "off"):
+            for post in POSTS:
                 scores, seconds = segment_and_score(model, image, reference, classes, post)
                 run[post] = {"scores": scores, "seconds": round(seconds, 1),
                              "mean_dice": round(float(np.mean([scores["classes"][o]["dice"] for o in ORGANS])), 4)}
@@ -277,12 +285,15 @@ def fmt(pair, digits: int = 3) -> str:
 
 def render(results: dict) -> str:
     machine = results["machine"]
+    seeds_by_case = ", ".join(f"{case} {value['summary']['seeds']}" for case, value in results.get("cases", {}).items())
     lines = ["# Transfer benchmark: one labeled volume, the next scan", "",
              f"Machine: {machine['cores']}-core x86_64 VM ({machine['cpu']}; bf16 native: {machine['bf16_native']}), "
              f"no GPU, torch {machine['torch']}; load average at start {machine['load_average_at_start']}, at end "
              f"{machine.get('load_average_at_end')}. `samed train` CPU defaults, no per-case settings. "
              "Written by `bench/transfer_benchmark.py` (protocol in its docstring).", "",
-             f"Seeds scored here: {results['protocol']['seeds']}. How the recipe was chosen:", ""]
+             f"Seeds scored here (per case: {seeds_by_case}). "
+             "Post-processing: `on` = the model card's (refinement + `extent` clean-up), `components` = the card's "
+             "refinement with the previous clean-up (ablation), `off` = the head alone. How the recipe was chosen:", ""]
     lines += [f"- {line}" for line in SELECTION_RECORD] + [""]
     cases = results.get("cases", {})
     if cases:
@@ -293,7 +304,7 @@ def render(results: dict) -> str:
                   + " | ".join(ORGANS) + " | train s | infer s |", "|---|---|---|---|" + "---|" * len(ORGANS) + "---|---|"]
         for case, value in cases.items():
             summary = value["summary"]
-            for post in ("on", "off"):
+            for post in POSTS:
                 if post not in summary:
                     continue
                 s = summary[post]
