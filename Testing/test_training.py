@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from scipy import ndimage
@@ -556,6 +557,31 @@ def test_resume_continues_the_schedule(shared_data, tmp_path, fast_trainer_base)
     assert read_model_card(out).training["iterations_planned"] == 8
 
 
+def test_a_stop_skips_the_refinement_choice(shared_data, tmp_path, fast_trainer_base, monkeypatch):
+    """After Stop the trainer writes its checkpoint at once: the per-class refinement choice (three passes over the
+    validation slices) is skipped and every class gets the default ``box``."""
+    import SAMedLib.trainer as trainer_module
+
+    def no_validation_passes(*args, **kwargs):
+        raise AssertionError("the refinement choice ran after Stop")
+
+    monkeypatch.setattr(trainer_module, "refine_logits", no_validation_passes)
+    out = tmp_path / "stopped.safetensors"
+    validation = tmp_path / "two_slices.nii.gz"  # validation data, so that there is a choice to skip
+    sitk.WriteImage(read_volume(shared_data / "ct_3mm.nii.gz")[:, :, 94:96], str(validation))
+    config = TrainConfig(images=[str(shared_data / "ct_3mm.nii.gz")], labels=[str(shared_data / "ct_3mm_labels.nii.gz")],
+                         classes=parse_class_list("5:liver"), output=str(out), mode="frozen", head="linear",
+                         iterations=8, batch_size=2, learning_rate=5e-3, views_per_slice=1, max_labeled_slices=2,
+                         background_fraction=0, validate_every=2, device="cpu", cache_dir=str(tmp_path / "cache"),
+                         validation_image=str(validation), validation_labels=str(shared_data / "ct_3mm_labels.nii.gz"))
+    flag = StopAfter(3)
+    train(config, progress=flag, stop_flag=flag)
+    [choice] = [e for e in flag.events if e["event"] == "refinement"]
+    assert choice["skipped"] and flag.events[-1]["event"] == "stopped"
+    card = read_model_card(out)
+    assert card.postprocessing.refinement == "box" and card.postprocessing.refinement_by_class == {}
+
+
 # --------------------------------------------------------------------------- LoRA on CPU
 
 
@@ -581,6 +607,25 @@ def test_lora_mode_trains_on_cpu(shared_data, tmp_path, fast_trainer_base):
 
 
 # --------------------------------------------------------------------------- torchrun
+
+
+def _stop_on_rank_zero_only(rank: int, init_file: str, results) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    flag = trainer_module._StopFlag()
+    if rank == 0:
+        flag()  # the Stop reached rank 0 only
+    results[rank] = [flag.agreed(True, "cpu"), flag.stop]
+    dist.destroy_process_group()
+
+
+def test_a_stop_on_one_rank_stops_every_rank(tmp_path):
+    """Under torchrun a rank that stopped alone would leave the other waiting in the all-reduce for ever."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_stop_on_rank_zero_only, args=(str(tmp_path / "init"), results), nprocs=2, join=True)
+        assert dict(results) == {0: [True, True], 1: [True, True]}
 
 
 def test_torchrun_two_cpu_processes(shared_data, tmp_path):

@@ -118,6 +118,20 @@ class _StopFlag:
     def __call__(self, *_):
         self._stopped = True
 
+    def agreed(self, distributed: bool, device: str) -> bool:
+        """Whether to stop now; under torchrun, True on every rank as soon as any rank was asked to stop.
+
+        Slicer's Stop reaches the ranks at different moments: a rank that stopped alone would leave the others
+        waiting in the gradient all-reduce for ever. One 1-element all-reduce per iteration keeps them together.
+        """
+        if not distributed:
+            return self.stop
+        flag = torch.tensor([1.0 if self.stop else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0:
+            self._stopped = True
+        return self._stopped
+
 
 @dataclass
 class _Views:
@@ -330,7 +344,7 @@ def _train(config: TrainConfig, progress, progress_json: bool, stop: _StopFlag) 
     network.train()
     iteration, stopped_early, loss_avg = start_iteration, False, None
     loop_start = time.perf_counter()
-    while iteration < config.iterations and not stop.stop:
+    while iteration < config.iterations and not stop.agreed(distributed, device):
         lr = learning_rate(iteration, config.learning_rate, config.iterations, warmup, config.poly_power)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -368,7 +382,8 @@ def _train(config: TrainConfig, progress, progress_json: bool, stop: _StopFlag) 
 
     if best_state is not None and val_views is not None:
         load_trainable_tensors(model, best_state, "best validation state")
-    card.postprocessing = _choose_postprocessing(config, model, backbone, val_views, mode, device, target_size, report)
+    card.postprocessing = _choose_postprocessing(config, model, backbone, val_views, mode, device, target_size, report,
+                                                 stop)
     if best_state is None or val_views is None:  # no validation data: the final weights are the result
         best_state = {k: v.detach().cpu().clone() for k, v in trainable_state_dict(model).items()}
         if rank == 0:
@@ -388,17 +403,22 @@ def _train(config: TrainConfig, progress, progress_json: bool, stop: _StopFlag) 
 
 
 def _choose_postprocessing(config: TrainConfig, model: SAMedModel, backbone, val_views: _Views | None, mode: str,
-                           device: str, target_size: int, report) -> Postprocessing:
+                           device: str, target_size: int, report, stop: _StopFlag) -> Postprocessing:
     """The card's post-processing. Refinement is chosen class by class on the validation slices (each class's
     Dice with each choice; ``none`` unless another beats it by at least 0.01); without validation slices it is
-    ``box`` for every class, the choice that won on the self-prompting probe (shared notes). The 3D clean-up is
-    the configured one."""
+    ``box`` for every class, the choice that won on the self-prompting probe (shared notes). After a Stop the
+    choice is skipped (it runs the validation slices three times; LoRA mode re-encodes them): ``box`` too. The
+    3D clean-up is the configured one."""
     post = Postprocessing(cleanup=config.cleanup)
     if config.refinement != "auto":
         post.refinement = config.refinement
         return post
     post.refinement = "box"
     if val_views is None:
+        return post
+    skipped = {"event": "refinement", "chosen": {}, "skipped": "stopped: box for every class, no validation run"}
+    if stop.stop:
+        report(skipped)
         return post
     decoder = PromptDecoder(backbone.prompt_encoder, backbone.mask_decoder).to(device)
     mm_per_pixel = (config.preprocessing.pixel_spacing_mm * backbone.input_size / target_size
@@ -410,6 +430,9 @@ def _choose_postprocessing(config: TrainConfig, model: SAMedModel, backbone, val
         for choice in REFINEMENTS:
             logits = []
             for i in range(0, len(val_views.inputs), 8):
+                if stop.stop:  # the user pressed Stop during the choice
+                    report(skipped)
+                    return post
                 batch = val_views.inputs[i:i + 8].to(device)
                 embeddings = batch if mode == "frozen" else model.image_encoder(batch)
                 head_logits = model.head(embeddings).float()
