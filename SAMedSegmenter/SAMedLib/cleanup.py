@@ -16,8 +16,10 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
+from .volume_io import to_canonical
+
 __all__ = ["keep_largest_component", "keep_plausible_components", "keep_main_extent", "clean_labels",
-           "clean_label_image"]
+           "clean_label_image", "USES_CONFIDENCE"]
 
 CONNECTIVITY = np.ones((3, 3, 3), bool)  # 26-connected
 # keep_main_extent's thresholds, chosen on the slab selection split (bench/transfer_selection.py; 0.2-0.3 and
@@ -26,6 +28,7 @@ CONNECTIVITY = np.ones((3, 3, 3), bool)  # 26-connected
 WAIST = 0.25
 RISE = 1.5
 PROFILE_SMOOTHING_MM = 9.0  # median over ~9 mm of slices: one missed slice is not a waist
+USES_CONFIDENCE = ("components", "extent")  # clean-ups that weigh voxels by the head's confidence
 
 
 def keep_largest_component(labels: np.ndarray, values: list[int]) -> np.ndarray:
@@ -89,14 +92,13 @@ def class_profiles(labels: np.ndarray, confidence: np.ndarray | None, values: li
 
 
 def co_occurrence_slice(profiles: dict[int, np.ndarray]) -> int:
-    """The slice where the classes are present together the most (sum of each profile over its own peak).
+    """The slice where the classes are present together the most (sum of each non-empty profile over its peak).
 
     A one-volume model is trained where its classes lie side by side; false positives far from that
     region are one class at a time. Starting each class's walk here picks the true mode even when a false
     one is bigger (a stomach-shaped bowel loop larger than the true stomach, measured on the slab split).
     """
-    total = sum((p / p.max() for p in profiles.values() if p.max() > 0), np.zeros(len(next(iter(profiles.values())))))
-    return int(np.argmax(total))
+    return int(np.argmax(sum(p / p.max() for p in profiles.values())))
 
 
 def main_extent(profile: np.ndarray, start: int) -> tuple[int, int]:
@@ -158,14 +160,11 @@ def clean_labels(labels: np.ndarray, confidence: np.ndarray | None, values: list
 def clean_label_image(labels: sitk.Image, confidence: sitk.Image | None, values: list[int], cleanup: str) -> sitk.Image:
     """``clean_labels`` on a label image (and the confidence image ``segment_image`` returns), same grid out.
 
-    Works on any orientation: the image axis closest to the patient's superior-inferior axis is the body axis.
+    Any orientation: like ``segment_image``, it cleans on the canonical grid (axis 0 = the body axis).
     """
-    si_axis = 2 - int(np.argmax(np.abs(np.array(labels.GetDirection()).reshape(3, 3)[2])))  # numpy (z, y, x) order
-    spacing = tuple(reversed(labels.GetSpacing()))
-    order = [si_axis] + [a for a in range(3) if a != si_axis]
-    array = np.moveaxis(sitk.GetArrayFromImage(labels), si_axis, 0)
-    weight = None if confidence is None else np.moveaxis(sitk.GetArrayFromImage(confidence), si_axis, 0)
-    cleaned = clean_labels(array, weight, values, tuple(spacing[a] for a in order), cleanup)
-    out = sitk.GetImageFromArray(np.ascontiguousarray(np.moveaxis(cleaned, 0, si_axis)))
-    out.CopyInformation(labels)
-    return out
+    canonical, restore = to_canonical(labels)
+    weight = None if confidence is None else sitk.GetArrayFromImage(to_canonical(confidence)[0])
+    cleaned = sitk.GetImageFromArray(clean_labels(sitk.GetArrayFromImage(canonical), weight, values,
+                                                  canonical.GetSpacing()[::-1], cleanup))
+    cleaned.CopyInformation(canonical)
+    return restore(cleaned)

@@ -18,7 +18,7 @@ import torch
 
 from .acceleration import autocast, precision_name, prepare_encoder
 from .checkpoint import LoadedModel
-from .cleanup import clean_labels
+from .cleanup import USES_CONFIDENCE, clean_labels
 from .errors import SAMedError
 from .model_card import Postprocessing
 from .prompting import PromptDecoder, mask_pixel_mm
@@ -126,7 +126,7 @@ def segment_image(image: sitk.Image, model: LoadedModel, *, device: str = "auto"
     values = torch.tensor([0] + [c.value for c in card.classes], dtype=torch.int32)
     out_dtype = np.uint8 if max(c.value for c in card.classes) < 256 else np.uint16
     labels = np.zeros(volume.shape, dtype=out_dtype)
-    with_confidence = post.cleanup in ("components", "extent") or return_confidence
+    with_confidence = post.cleanup in USES_CONFIDENCE or return_confidence
     confidence = np.zeros(volume.shape, dtype=np.uint8) if with_confidence else None
     predictor = SlicePredictor(net, theta, (spacing_y, spacing_x), prep, precision, decoder, post, refinements,
                                 with_confidence)
