@@ -1,8 +1,8 @@
 """Box annotation: a box on one axial slice -> the organ's 3D mask, by a backbone's promptable decoder.
 
-The user's box prompts the pretrained, frozen decoder (``prompting.PromptDecoder``) on its slice; propagation
-then walks to the neighbouring slices in both directions, each prompted with the box of the previous slice's
-mask grown by a small margin, and stops where the mask vanishes, collapses (area ratio) or the decoder's
+The user's box, grown by a few millimetres (a box drawn inside the organ would cut it), prompts the pretrained,
+frozen decoder (``prompting.PromptDecoder``) on its slice; propagation then walks to the neighbouring slices in
+both directions, each prompted with the box of the previous slice's mask grown by a small margin, and stops where the mask vanishes, collapses (area ratio) or the decoder's
 predicted IoU drops below a threshold. Several boxes of one object on different slices are combined: each
 slice takes the mask propagated from its nearest box (the next nearest where that one's walk stopped short).
 
@@ -51,6 +51,10 @@ class SliceBox:
 @dataclass(frozen=True)
 class PropagationSettings:
     margin_mm: float = 6.0  # the previous mask's box grown: 3 mm lost the growing upper spleen (3D Dice 0.73 vs 0.96)
+    # The user's box grown too: a box drawn a little inside the organ gives a mask that stops at the box
+    # (measured on the middle slices, 8 jittered boxes per organ, ct_3mm +-15 mm: spleen 0.73 -> 0.85, aorta
+    # 0.30 -> 0.57; +-6 mm: aorta 0.72 -> 0.94; ct_dicom +-5 mm: no organ worse, stomach 0.90 -> 0.94).
+    box_margin_mm: float = 6.0
     min_iou: float = 0.6  # the decoder's own IoU estimate: below it the mask is a guess
     min_area_ratio: float = 0.3  # a mask this much smaller than the previous slice's has collapsed
     max_area_ratio: float = 3.0  # ... this much larger has leaked into a neighbour
@@ -178,6 +182,13 @@ class Annotator:
                                   f"({self.prep.input_size * self.prep.pixel_spacing_mm:.0f} mm around the slice centre)")
         return float(low[0]), float(low[1]), float(high[0]), float(high[1])
 
+    def grown(self, box: SliceBox, margin_mm: float) -> SliceBox:
+        """The box with ``margin_mm`` added on each side, clipped to the slice."""
+        height, width = self.volume.shape[1:]
+        grow_x, grow_y = (int(round(margin_mm / spacing)) for spacing in self.spacing_yx[::-1])
+        return SliceBox(box.slice, max(0, box.x0 - grow_x), max(0, box.y0 - grow_y), min(width - 1, box.x1 + grow_x),
+                        min(height - 1, box.y1 + grow_y))
+
     def decode(self, z: int, prompts: list[Prompt]) -> tuple[torch.Tensor, np.ndarray]:
         """Prompts on slice ``z`` -> the union of their masks as logits (s, s) on the decoder's mask grid (the
         largest per pixel) and their predicted IoUs."""
@@ -232,7 +243,8 @@ class Annotator:
         for start_slice in box_slices:
             if cancelled():
                 raise Cancelled("annotation cancelled")
-            prompts = [Prompt(self.model_box(b)) for b in boxes if b.slice == start_slice]
+            prompts = [Prompt(self.model_box(self.grown(b, settings.box_margin_mm))) for b in boxes
+                       if b.slice == start_slice]
             logits, _ = self.decode(start_slice, prompts)  # the user's boxes are kept whatever the IoU
             mask = clean_mask(logits.numpy() > 0)
             reached[start_slice] = (0, logits, mask)
