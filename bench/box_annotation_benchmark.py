@@ -51,7 +51,7 @@ def worst_slice(pred: np.ndarray, ref: np.ndarray, boxed: set[int]) -> int | Non
     return min(scores)[1] if scores else None
 
 
-def run_scan(name: str, organs: list[int], max_boxes: int, seed: int, out: Path | None) -> dict:
+def run_scan(name: str, organs: list[int], max_boxes: int, seed: int, jitter: int, out: Path | None) -> dict:
     image_path, labels_path = SCANS[name]
     image = read_volume(DATA / image_path)
     reference = resample_to_reference(read_volume(DATA / labels_path, allow_constant=True), image)
@@ -61,7 +61,9 @@ def run_scan(name: str, organs: list[int], max_boxes: int, seed: int, out: Path 
     build_seconds = time.perf_counter() - start
     spacing_zyx = tuple(reversed(annotator.canonical.GetSpacing()))
     rng = np.random.default_rng(seed)
-    results = {"slices": int(ref_canonical.shape[0]), "model_build_seconds": round(build_seconds, 1), "organs": {}}
+    results = {"slices": int(ref_canonical.shape[0]), "jitter_voxels": jitter,
+               "jitter_mm": round(jitter * annotator.canonical.GetSpacing()[0], 1),
+               "model_build_seconds": round(build_seconds, 1), "organs": {}}
     annotated = np.zeros(ref_canonical.shape, np.uint8)
     for value in organs:
         ref = ref_canonical == value
@@ -69,7 +71,7 @@ def run_scan(name: str, organs: list[int], max_boxes: int, seed: int, out: Path 
         if len(present) < MIN_SLICES:
             continue
         middle = int(present[len(present) // 2])
-        boxes = [jittered_box(ref, middle, rng)]
+        boxes = [jittered_box(ref, middle, rng, jitter)]
         enc0, encs0, dec0, decs0, t0 = (annotator.encoder_runs, annotator.encoder_seconds, annotator.decoder_runs,
                                         annotator.decoder_seconds, time.perf_counter())
         pred = annotator.annotate(boxes)
@@ -84,7 +86,7 @@ def run_scan(name: str, organs: list[int], max_boxes: int, seed: int, out: Path 
             z = worst_slice(pred, ref, {b.slice for b in boxes})
             if z is None:
                 break
-            boxes.append(jittered_box(ref, z, rng))
+            boxes.append(jittered_box(ref, z, rng, jitter))
             pred = annotator.annotate(boxes)
             curve.append(round(dice(pred, ref), 4))
         row["interactive"] = {"dice_per_box": curve, "boxes": len(boxes), "reached_0.90": curve[-1] >= 0.90,
@@ -166,15 +168,16 @@ def render(results: dict) -> str:
              f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, compute {m['compute']}; "
              f"load average at start {m['load_start']:.1f}, at end {m.get('load_end', float('nan')):.1f} "
              "(a shared machine: times are inflated by the load).", "",
-             "One box = the reference bounding box on the organ's middle slice, each side jittered by up to 5 voxels, "
-             "propagated both ways. Interactive: a jittered box on the worst slice until Dice >= 0.90 or 10 boxes.", "",
+             f"One box = the reference bounding box on the organ's middle slice, each side jittered by up to "
+             f"{results.get('jitter_voxels', 5)} voxels (seed {results.get('seed', 0)}), propagated both ways. Interactive: "
+             "a jittered box on the worst slice until Dice >= 0.90 or 10 boxes.", "",
              "| scan | organ | ref. slices | 1 box Dice | 1 box HD95 mm | slices | boxes to 0.90 | Dice per box | s (1 box) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for scan, r in results["scans"].items():
         for organ, row in r["organs"].items():
             one, inter = row["one_box"], row["interactive"]
             boxes = str(inter["boxes"]) if inter["reached_0.90"] else f">{inter['boxes']} (not reached)"
-            lines.append(f"| {scan} | {organ} | {row['reference_slices'][0]}-{row['reference_slices'][1]} | "
+            lines.append(f"| {scan} ({r.get('jitter_mm', '?')} mm) | {organ} | {row['reference_slices'][0]}-{row['reference_slices'][1]} | "
                          f"{one['dice']:.3f} | {one['hd95_mm']} | {one['slices']} | {boxes} | "
                          f"{' '.join(f'{d:.3f}' for d in inter['dice_per_box'])} | {one['seconds']} |")
     lines += ["", "Time per slice (measured under the load above): encoder once per slice (cached), decoder per call.", "",
@@ -199,6 +202,8 @@ def render(results: dict) -> str:
             d = row["dice"]
             lines.append(f"| {name} | {d['spleen']:.3f} | {d['liver']:.3f} | {d['stomach']:.3f} | {d['aorta']:.3f} | "
                          f"{row['mean_dice_4']:.3f} | {row['train_seconds']} |")
+    if results.get("notes"):  # kept in the JSON, so a rerun's render keeps them
+        lines += ["", "Notes:"] + [f"- {note}" for note in results["notes"]]
     return "\n".join(lines) + "\n"
 
 
@@ -208,6 +213,7 @@ def main() -> None:
     parser.add_argument("--organs", default="1,5,6,52,2,3,4,7", help="label values")
     parser.add_argument("--max-boxes", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jitter", type=int, default=5, help="voxels each box side may move (the issue's 5)")
     parser.add_argument("--payoff", action="store_true", help="also train on the box labels (minutes of CPU)")
     parser.add_argument("--timing-only", action="store_true", help="add the per-slice timing to the saved results")
     parser.add_argument("--out", type=Path, default=REPO / "out" / "box_annotation")
@@ -216,7 +222,8 @@ def main() -> None:
     results = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                            "torch": torch.__version__, "threads": torch.get_num_threads(),
                            "bf16_native": cpu_has_native_bf16(), "compute": precision_name("cpu"),
-                           "load_start": os.getloadavg()[0]}, "scans": {}}
+                           "load_start": os.getloadavg()[0]}, "seed": args.seed, "jitter_voxels": args.jitter,
+               "scans": {}}
 
     def save() -> None:
         results["machine"]["load_end"] = os.getloadavg()[0]
@@ -233,7 +240,7 @@ def main() -> None:
     box_labels = args.out / "ct_3mm_box_labels.nii.gz"
     for scan in args.scans.split(","):
         results["scans"][scan] = run_scan(scan, [int(v) for v in args.organs.split(",")], args.max_boxes, args.seed,
-                                          box_labels if scan == "ct_3mm" else None)
+                                          args.jitter, box_labels if scan == "ct_3mm" else None)
         save()
     if args.payoff:
         results["payoff"] = payoff(args.out, box_labels)
