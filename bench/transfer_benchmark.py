@@ -89,6 +89,10 @@ SELECTION_RECORD = [
     "in-domain validation slices by 0.001-0.019) and two forward seeds left the stomach unrefined. The models "
     "of stop 15 were re-scored here with their cards rewritten by the new rule from their logged validation "
     "Dice (every class `box`); their weights are unchanged (the rule runs after training).",
+    "Rejected at stop 16: class tokens of the SAMed head started with 0.5 x std noise instead of 0.02 (training "
+    "sits at validation Dice 0 for its first 50-100 iterations). On the selection run (forward, seed 0) validation "
+    "Dice went 0.825 -> 0.887, but on the first matrix seeds it was 0.840 -> 0.881 (1234) and 0.877 -> 0.756 (7; "
+    "ct_dicom 0.901 -> 0.746): no gain over seeds, the run was stopped and the models of stop 15 kept.",
     "One box per island of a class's mask and the 2.5x growth fallback were found by inspecting the forward "
     "case, training seed 1234 (a scored seed): with one box around all of the aorta's islands, the decoder "
     "filled the box (aorta 0.55; per island 0.91). Forward is therefore not an independent confirmation of that "
