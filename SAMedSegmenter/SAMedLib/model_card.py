@@ -63,8 +63,8 @@ class Postprocessing:
     # Self-prompted refinement: each class's coarse mask on a slice gives a box (+ a point) that prompts the
     # base model's pretrained decoder, which draws the boundary. Chosen at training time on validation slices.
     refinement: str = "none"
-    # Per class name, a choice that overrides ``refinement`` (the decoder helps compact organs more than thin
-    # vessels: chosen class by class on the validation slices). Classes not named use ``refinement``.
+    # Per class name, a choice that overrides ``refinement`` (written by ``samed train``: ``box`` unless validation
+    # clearly prefers another, see trainer.REFINEMENT_MARGIN). Classes not named use ``refinement``.
     refinement_by_class: dict[str, str] = field(default_factory=dict)
     box_margin_mm: float = 8.0  # the head under-segments: a box grown by ~6-13 mm beat a tight one (probe)
     # 3D clean-up of each class: "components" keeps plausible components (size x confidence), "extent" first
