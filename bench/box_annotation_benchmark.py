@@ -122,24 +122,21 @@ def payoff(out: Path, labels: Path, seeds: list[int]) -> dict:
     from SAMedLib.classes import parse_class_list
     from SAMedLib.cli import main as samed
     from SAMedLib.inference import segment_image
-    from SAMedLib.metrics import score_label_maps
+    # The matrix's classes, scan loading and scoring: its forward models are the comparison.
+    from transfer_benchmark import CLASSES, load_scan, score
 
-    classes = parse_class_list("1:spleen,5:liver,6:stomach,52:aorta")
-    image = read_volume(DATA / "ct_dicom")
-    reference = resample_to_reference(read_volume(DATA / "ct_dicom_labels.nii.gz", allow_constant=True), image)
+    classes = parse_class_list(CLASSES)
+    image, reference = load_scan("ct_dicom")
     matrix = json.loads((RESULTS / "transfer.json").read_text())["cases"]["forward"]["runs"]
     rows = {"box_labels": {}, "reference_labels": {}}
     for seed in seeds:
         model = out / f"payoff_box_labels_seed{seed}.safetensors"
         start = time.perf_counter()
         if samed(["train", "--image", str(DATA / "ct_3mm.nii.gz"), "--labels", str(labels), "--classes",
-                  "1:spleen,5:liver,6:stomach,52:aorta", "--output", str(model), "--seed", str(seed),
-                  "--device", "cpu"]) != 0:
+                  CLASSES, "--output", str(model), "--seed", str(seed), "--device", "cpu"]) != 0:
             raise SystemExit("training failed")
         seconds = time.perf_counter() - start
-        pred = segment_image(image, load_model(model), device="cpu")
-        s = score_label_maps(sitk.GetArrayFromImage(pred), sitk.GetArrayFromImage(reference), classes,
-                             tuple(reversed(image.GetSpacing())))
+        s = score(segment_image(image, load_model(model), device="cpu"), reference, classes)
         rows["box_labels"][seed] = {"train_seconds": round(seconds, 1),
                                     "dice": {c.name: round(s["classes"][c.name]["dice"], 4) for c in classes}}
         [run] = [r for r in matrix if r["seed"] == seed]
@@ -189,7 +186,8 @@ def render(results: dict) -> str:
         for organ, row in r["organs"].items():
             one, inter = row["one_box"], row["interactive"]
             boxes = str(inter["boxes"]) if inter["reached_0.90"] else f">{inter['boxes']} (not reached)"
-            lines.append(f"| {scan} ({r.get('jitter_mm', '?')} mm) | {organ} | {row['reference_slices'][0]}-{row['reference_slices'][1]} | "
+            first, last = row["reference_slices"]
+            lines.append(f"| {scan} ({r.get('jitter_mm', '?')} mm) | {organ} | {first}-{last} | "
                          f"{one['dice']:.3f} | {one['hd95_mm']} | {one['slices']} | {boxes} | "
                          f"{' '.join(f'{d:.3f}' for d in inter['dice_per_box'])} | {one['seconds']} |")
     lines += ["", "Time per slice (measured under the load above): encoder once per slice (cached), decoder per call.", "",
@@ -206,7 +204,7 @@ def render(results: dict) -> str:
                       f"load average {t['load_average']}): encoder {t['encoder']['wall_seconds']} s wall / "
                       f"{t['encoder']['cpu_seconds']} CPU-s, decoder {t['decoder']['wall_seconds']} s wall / "
                       f"{t['decoder']['cpu_seconds']} CPU-s. CPU-s / threads approximates the wall time on an idle machine."]
-    if "payoff" in results and "rows" in results["payoff"]:
+    if "payoff" in results:
         p = results["payoff"]
         lines += ["", "Payoff: `samed train` (CPU defaults) on ct_3mm with the box labels vs the reference labels "
                       "(the transfer matrix's forward models of the same seeds), scored on ct_dicom.", "",

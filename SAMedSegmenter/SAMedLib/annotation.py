@@ -2,9 +2,10 @@
 
 The user's box, grown by a few millimetres (a box drawn inside the organ would cut it), prompts the pretrained,
 frozen decoder (``prompting.PromptDecoder``) on its slice; propagation then walks to the neighbouring slices in
-both directions, each prompted with the box of the previous slice's mask grown by a small margin, and stops where the mask vanishes, collapses (area ratio) or the decoder's
-predicted IoU drops below a threshold. Several boxes of one object on different slices are combined: each
-slice takes the mask propagated from its nearest box (the next nearest where that one's walk stopped short).
+both directions, each prompted with the box of the previous slice's mask grown by a small margin, and stops
+where the mask vanishes, collapses (area ratio) or the decoder's predicted IoU drops below a threshold. Several
+boxes of one object on different slices are combined: each slice takes the mask propagated from its nearest box
+(the next nearest where that one's walk stopped short).
 
 Slices go through exactly the inference path (canonical LPS volume, ``preprocessing.model_input`` on the
 same slice-to-model affine, the encoder prepared and under the same precision policy); each slice's
