@@ -6,12 +6,13 @@ import copy
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from SAMedLib.annotation import AnnotationError, Annotator, PropagationSettings, SliceBox, box_from_cli, box_from_ijk
 from SAMedLib.cli import main as samed
 from SAMedLib.metrics import dice
 from SAMedLib.model_card import Preprocessing
-from SAMedLib.prompting import PromptDecoder
+from SAMedLib.prompting import OUTSIDE_LOGIT, Prompt, PromptDecoder
 from SAMedLib.volume_io import read_volume, resample_to_reference, to_canonical
 
 SPLEEN = 1
@@ -91,6 +92,27 @@ def test_a_box_drawn_inside_the_organ_still_gives_the_whole_organ(annotator, spl
             values.append(dice(mask[z], spleen[z]))
     assert min(scores[PropagationSettings().box_margin_mm]) > 0.93
     assert np.mean(scores[0.0]) < 0.85  # the case is real: the bare box cuts the organ
+
+
+@pytest.mark.slow
+def test_a_prompt_is_decoded_on_its_window_with_the_same_mask(annotator, spleen_volume):
+    _, spleen = spleen_volume
+    z = len(spleen) - 2
+    embedding = annotator.embedding(z).float()
+    prompt = Prompt(annotator.model_box(annotator.grown(reference_box(spleen, z), 6.0)))
+    whole = PromptDecoder(annotator.decoder.prompt_encoder, annotator.decoder.mask_decoder, context_tokens=None)
+    with torch.inference_mode():
+        windowed_logits, _ = annotator.decoder(embedding, [prompt])
+        whole_logits, _ = whole(embedding, [prompt])
+        (y0, y1), (x0, x1) = annotator.decoder.window(prompt.box, embedding.shape[-2:])
+        assert y0 > 0 and (y1 - y0) * (x1 - x0) < embedding.shape[-1] * embedding.shape[-2] / 2  # a real saving
+        outside = embedding.clone()
+        outside[..., :y0, :] = 0.0  # the decoder never sees the embedding outside the window
+        outside[..., y1:, :] = 0.0
+        outside_logits, _ = annotator.decoder(outside, [prompt])
+    assert torch.equal(outside_logits, windowed_logits)
+    assert (windowed_logits[0, :4 * y0] == OUTSIDE_LOGIT).all()
+    assert dice(windowed_logits[0].numpy() > 0, whole_logits[0].numpy() > 0) > 0.97
 
 
 def test_annotate_needs_a_box_inside_the_volume(annotator):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["PromptDecoder", "Prompt", "mask_prompt", "mask_prompts", "clean_mask", "native_to_model_xy",
+__all__ = ["PromptDecoder", "Prompt", "CONTEXT_TOKENS", "OUTSIDE_LOGIT", "mask_prompt", "mask_prompts", "clean_mask", "native_to_model_xy",
            "mask_pixel_mm"]
 
 
@@ -25,13 +25,24 @@ class Prompt:
     point: tuple[float, float] | None = None
 
 
+# Each prompt is decoded on a window of the image embedding: its box plus this many tokens on every side (8 tokens =
+# 32 input pixels, about 45 mm on a 350 mm field of view). SAM's decoder is local except for its attention, and a
+# box's object lies inside the box, so the masks barely change while the decoder's cost (linear in the tokens it
+# attends to) drops: measured on the transfer models (forward seeds 1234/7, reverse 1234, phase -60 HU) Dice
+# within 0.002 of the whole embedding except one spleen (-0.011), decoder 0.062 -> 0.022 s for one prompt,
+# 0.48 -> 0.16 s for eight on 2 CPU cores.
+CONTEXT_TOKENS = 8
+OUTSIDE_LOGIT = -50.0  # decoder logits outside a prompt's window: far below any mask
+
+
 class PromptDecoder(nn.Module):
     """The backbone's prompt encoder + mask decoder, frozen: (embedding, prompts) -> mask logits and IoU."""
 
-    def __init__(self, prompt_encoder: nn.Module, mask_decoder: nn.Module):
+    def __init__(self, prompt_encoder: nn.Module, mask_decoder: nn.Module, context_tokens: int | None = CONTEXT_TOKENS):
         super().__init__()
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
+        self.context_tokens = context_tokens  # None: every prompt attends to the whole embedding, as SAM does
         for param in self.parameters():
             param.requires_grad = False
         self.eval()
@@ -45,23 +56,48 @@ class PromptDecoder(nn.Module):
         return 4 * int(self.prompt_encoder.image_embedding_size[0])
 
     def forward(self, embedding: torch.Tensor, prompts: list[Prompt]) -> tuple[torch.Tensor, torch.Tensor]:
-        """embedding (1,C,h,w) of one slice, K prompts -> logits (K, 4h, 4w) and predicted IoU (K,)."""
+        """embedding (1,C,h,w) of one slice, K prompts -> logits (K, 4h, 4w) and predicted IoU (K,).
+
+        Each prompt is decoded on the window of the embedding around its box (``window``); outside it the logits
+        are ``OUTSIDE_LOGIT``.
+        """
+        size = self.mask_size
         if not prompts:
-            size = self.mask_size
             return embedding.new_zeros((0, size, size)), embedding.new_zeros((0,))
-        device = embedding.device
-        boxes = torch.tensor([p.box for p in prompts], dtype=torch.float32, device=device)
-        points = None
-        if all(p.point is not None for p in prompts):
-            coords = torch.tensor([[p.point] for p in prompts], dtype=torch.float32, device=device)
-            points = (coords, torch.ones(coords.shape[:2], dtype=torch.int64, device=device))
-        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=None)
-        # SAM's decoder repeats a single image embedding once per prompt.
-        logits, iou = self.mask_decoder(image_embeddings=embedding[:1].to(sparse.dtype),
-                                        image_pe=self.prompt_encoder.get_dense_pe().to(sparse.dtype),
-                                        sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                        multimask_output=False)
-        return logits[:, 0].float(), iou[:, 0].float()
+        logits = embedding.new_full((len(prompts), size, size), OUTSIDE_LOGIT, dtype=torch.float32)
+        ious = embedding.new_zeros((len(prompts),), dtype=torch.float32)
+        dense_pe = self.prompt_encoder.get_dense_pe()
+        up = size // embedding.shape[-1]  # mask pixels per embedding token
+        for k, prompt in enumerate(prompts):
+            (y0, y1), (x0, x1) = self.window(prompt.box, embedding.shape[-2:])
+            sparse, dense = self.prompt_encoder(points=self._point(prompt, embedding.device),
+                                                boxes=torch.tensor([prompt.box], dtype=torch.float32,
+                                                                   device=embedding.device), masks=None)
+            mask, iou = self.mask_decoder(image_embeddings=embedding[:1, :, y0:y1, x0:x1].to(sparse.dtype),
+                                          image_pe=dense_pe[:, :, y0:y1, x0:x1].to(sparse.dtype),
+                                          sparse_prompt_embeddings=sparse,
+                                          dense_prompt_embeddings=dense[:, :, y0:y1, x0:x1],
+                                          multimask_output=False)
+            logits[k, up * y0:up * y1, up * x0:up * x1] = mask[0, 0].float()
+            ious[k] = iou[0, 0].float()
+        return logits, ious
+
+    def window(self, box: tuple[float, float, float, float], grid: tuple[int, int]) -> tuple[tuple[int, int], ...]:
+        """Token rows (y0, y1) and columns (x0, x1) of the embedding window a box is decoded on."""
+        if self.context_tokens is None:
+            return (0, grid[0]), (0, grid[1])
+        stride, pad = self.input_size / grid[1], self.context_tokens
+        x0, y0, x1, y1 = box
+        rows = (max(0, int(y0 // stride) - pad), min(grid[0], int(y1 // stride) + 1 + pad))
+        cols = (max(0, int(x0 // stride) - pad), min(grid[1], int(x1 // stride) + 1 + pad))
+        return rows, cols
+
+    @staticmethod
+    def _point(prompt: Prompt, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if prompt.point is None:
+            return None
+        return (torch.tensor([[prompt.point]], dtype=torch.float32, device=device),
+                torch.ones((1, 1), dtype=torch.int64, device=device))
 
 
 def clean_mask(mask: np.ndarray, min_pixels: int = 8, min_fraction: float = 0.1) -> np.ndarray:

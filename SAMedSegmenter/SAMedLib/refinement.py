@@ -3,9 +3,9 @@ segmentation"): the prompt-free head only has to localise each class; its coarse
 optionally a point) that prompts the base model's pretrained, frozen decoder, which draws the boundary.
 
 It reuses the slice's image embedding (no second encoder pass). Multi-class: one box per island of each
-class's mask on the slice, all decoded together, a class's islands united; overlaps go to the larger decoder
-logit; a refined mask that balloons past MAX_GROWTH x the head's area is replaced by the head's own; pixels
-where every decoder logit is negative are background.
+class's mask on the slice, each decoded on its window of the embedding (``PromptDecoder.window``), a class's
+islands united; overlaps go to the larger decoder logit; a refined mask that balloons past MAX_GROWTH x the
+head's area is replaced by the head's own; pixels where every decoder logit is negative are background.
 """
 from __future__ import annotations
 
