@@ -8,7 +8,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from SAMedLib.annotation import AnnotationError, Annotator, PropagationSettings, SliceBox, box_from_cli, box_from_ijk
+from SAMedLib.annotation import (AnnotationError, Annotator, PropagationSettings, SliceBox, box_from_cli, box_from_ijk,
+                                 slice_from_cli)
 from SAMedLib.cli import main as samed
 from SAMedLib.metrics import dice
 from SAMedLib.model_card import Preprocessing
@@ -115,11 +116,27 @@ def test_a_prompt_is_decoded_on_its_window_with_the_same_mask(annotator, spleen_
     assert dice(windowed_logits[0].numpy() > 0, whole_logits[0].numpy() > 0) > 0.97
 
 
+@pytest.mark.slow
+def test_an_end_mark_stops_propagation_before_its_slice(annotator, spleen_volume):
+    _, spleen = spleen_volume
+    present = np.flatnonzero(spleen.any(axis=(1, 2)))
+    top, end = len(spleen) - 2, int(present.min()) + 3
+    box = reference_box(spleen, top)
+    unmarked = np.flatnonzero(annotator.annotate([box]).any(axis=(1, 2)))
+    marked = np.flatnonzero(annotator.annotate([box], ends=[end]).any(axis=(1, 2)))
+    assert unmarked.min() <= end  # without the mark the walk goes through that slice
+    assert marked.min() == end + 1 and marked.max() == unmarked.max()  # with it, it stops just before
+
+
 def test_annotate_needs_a_box_inside_the_volume(annotator):
     with pytest.raises(AnnotationError, match="no box"):
         annotator.annotate([])
     with pytest.raises(AnnotationError, match="outside the volume"):
         annotator.annotate([SliceBox(99, 10, 10, 20, 20)])
+    with pytest.raises(AnnotationError, match="end mark slice 99 is outside"):
+        annotator.annotate([SliceBox(3, 10, 10, 20, 20)], ends=[99])
+    with pytest.raises(AnnotationError, match="both a box and an end mark"):
+        annotator.annotate([SliceBox(3, 10, 10, 20, 20)], ends=[3])
 
 
 # --------------------------------------------------------------------------- boxes and the CLI (no model)
@@ -165,12 +182,15 @@ def test_cli_refuses_a_box_on_a_non_axial_third_axis(tmp_path, capsys, args, mes
     ("30,1,1,5,5", "outside the image"),
     ("3,4,1,4,6", "empty"),
     ("3,1,1,5", "five integers"),
+    ("3,1,1,5,5 --end 30", "end mark (i, j, k) = (0.0, 0.0, 30.0) is outside the image"),
+    ("3,1,1,5,5 --end top", "expected K, a slice index"),
 ])
 def test_cli_box_validation(tmp_path, capsys, box, message):
     image = sitk.GetImageFromArray(np.random.default_rng(1).normal(0, 100, (12, 10, 8)).astype(np.int16))
     path = tmp_path / "ct.nii.gz"
     sitk.WriteImage(image, str(path))
-    assert samed(["annotate", str(path), "--box", box, "--output", str(tmp_path / "out.nii.gz")]) == 2
+    box, *more = box.split()
+    assert samed(["annotate", str(path), "--box", box, *more, "--output", str(tmp_path / "out.nii.gz")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("samed: error:") and message in err[0], err
     assert not (tmp_path / "out.nii.gz").exists()
@@ -182,6 +202,9 @@ def test_box_from_cli_maps_voxel_indices():
     restore = to_canonical(image)[1]
     box = box_from_cli(restore, "3,1,2,5,6")
     assert box == SliceBox(12 - 1 - 3, 8 - 1 - 5, 2, 8 - 1 - 1, 6)
+    assert slice_from_cli(restore, "3") == box.slice
+    with pytest.raises(AnnotationError, match="--end slices the image's third axis"):
+        slice_from_cli(to_canonical(_permuted_image())[1], "3")
 
 
 @pytest.mark.slow

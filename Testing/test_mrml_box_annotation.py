@@ -7,9 +7,9 @@ import SimpleITK as sitk
 
 import slicer
 from mrml_test_utils import GEOMETRIES, ijk_to_ras_numpy, make_volume
-from SAMedLib.annotation import box_from_ijk
+from SAMedLib.annotation import box_from_ijk, slice_from_ijk
 from SAMedLib.volume_io import to_canonical
-from SAMedMRML.box_annotation import apply_mask_to_segment, ras_bounds_to_ijk, roi_to_ijk
+from SAMedMRML.box_annotation import apply_mask_to_segment, markup_points_to_ijk, ras_bounds_to_ijk, roi_to_ijk
 from SAMedMRML.volumes import volume_to_sitk
 
 SHAPE = (10, 14, 18)  # k, j, i
@@ -73,6 +73,24 @@ def test_roi_node_bounds_give_the_voxel_box(mrml):
     roi.SetSize(6.0, 4.0, 0.0)  # a flat box on slice k = 4
     low, high = roi_to_ijk(volume, roi)
     assert np.allclose(low, (3, 5, 4)) and np.allclose(high, (9, 9, 4))
+
+
+@pytest.mark.parametrize("geometry", ["flipped", "oblique", "permuted"])
+def test_end_mark_points_land_on_their_axial_slices(mrml, geometry):
+    volume = _volume(mrml, geometry)
+    canonical, restore = to_canonical(volume_to_sitk(volume))
+    values = sitk.GetArrayViewFromImage(canonical)
+    original = slicer.util.arrayFromVolume(volume)
+    marks = mrml.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    voxels = [np.array([3, 4, 2]), np.array([13, 11, 8])]  # (i, j, k)
+    for ijk in voxels:
+        marks.AddControlPoint(*_ras(volume, ijk))
+    points = markup_points_to_ijk(volume, marks)
+    assert len(points) == 2
+    for ijk, point in zip(voxels, points):
+        assert np.allclose(point, ijk, atol=1e-6)
+        # the canonical slice holds the marked voxel, whichever storage axis is axial and however it is flipped
+        assert original[ijk[2], ijk[1], ijk[0]] in values[slice_from_ijk(restore, point)]
 
 
 # --------------------------------------------------------------------------- mask -> segment
@@ -208,4 +226,10 @@ def test_box_logic_annotates_a_volume_node_on_the_worker_and_cancels_cleanly(mrm
         logic.annotate(volume, [roi_to_ijk(volume, roi)], propagate=True, device="cpu", progress=cancel_on_first_report)
     assert logic._annotator[1] is annotator  # same volume: the model and the embedding cache were kept
     assert annotator.encoder_runs < len(spleen)  # stopped before walking through every slice
+
+    end = mrml.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")  # "the spleen is not on slice z - 2"
+    end.AddControlPoint(*_ras(volume, (xs.mean(), ys.mean(), z - 2)))
+    labels = sitk.GetArrayFromImage(logic.annotate(volume, [roi_to_ijk(volume, roi)], device="cpu",
+                                                   ends_ijk=markup_points_to_ijk(volume, end)))
+    assert np.flatnonzero(labels.any(axis=(1, 2))).min() == z - 1  # propagation stopped at the end mark
     worker.shutdown()

@@ -5,7 +5,9 @@ frozen decoder (``prompting.PromptDecoder``) on its slice; propagation then walk
 both directions, each prompted with the box of the previous slice's mask grown by a small margin, and stops
 where the mask vanishes, collapses (area ratio) or the decoder's predicted IoU drops below a threshold. Several
 boxes of one object on different slices are combined: each slice takes the mask propagated from its nearest box
-(the next nearest where that one's walk stopped short).
+(the next nearest where that one's walk stopped short). An *end mark* is a slice the user says the object is
+not on: no walk enters it, so a walk that ran on past the object's end (the aorta into an iliac artery, the
+gallbladder into the duodenum) is cut there with one click instead of erasing slice by slice.
 
 Slices go through exactly the inference path (canonical LPS volume, ``preprocessing.model_input`` on the
 same slice-to-model affine, the encoder prepared and under the same precision policy); each slice's
@@ -16,7 +18,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -29,7 +31,8 @@ from .preprocessing import from_model_grid, intensity_range, model_input, normal
 from .prompting import Prompt, PromptDecoder, clean_mask, mask_pixel_mm, mask_prompt, native_to_model_xy
 from .volume_io import CanonicalRestore, to_canonical, validate_volume
 
-__all__ = ["AnnotationError", "SliceBox", "PropagationSettings", "Annotator", "box_from_ijk", "box_from_cli"]
+__all__ = ["AnnotationError", "SliceBox", "PropagationSettings", "Annotator", "box_from_ijk", "box_from_cli",
+           "slice_from_ijk", "slice_from_cli"]
 
 ProgressCallback = Callable[[float, str], None]
 
@@ -88,15 +91,41 @@ def box_from_ijk(restore: CanonicalRestore, corner_a, corner_b) -> SliceBox:
     return SliceBox(int(round((z_low + z_high) / 2)), x0, y0, x1, y1)
 
 
+def slice_from_ijk(restore: CanonicalRestore, point) -> int:
+    """A point (continuous voxel indices i, j, k of the original image) -> the canonical axial slice through it."""
+    point = np.asarray(point, float).reshape(3)
+    size = np.asarray(restore.size)
+    if np.any(np.round(point) < 0) or np.any(np.round(point) > size - 1):
+        raise AnnotationError(f"end mark (i, j, k) = {tuple(np.round(point, 2).tolist())} is outside the image "
+                              f"(size {tuple(int(s) for s in size)})")
+    original = restore.perm[2]
+    k = int(round(point[original]))
+    return size[original] - 1 - k if restore.flip[2] else k
+
+
+def slice_from_cli(restore: CanonicalRestore, text: str) -> int:
+    """``K`` (a slice index of the image's third axis) -> the canonical axial slice."""
+    try:
+        k = int(text)
+    except ValueError:
+        raise AnnotationError(f"--end '{text}': expected K, a slice index of the image's third axis") from None
+    _check_third_axis_is_axial(restore, "--end")
+    return slice_from_ijk(restore, (0, 0, k))
+
+
+def _check_third_axis_is_axial(restore: CanonicalRestore, option: str) -> None:
+    if restore.perm[2] != 2:
+        raise AnnotationError(f"{option} slices the image's third axis, but this image's axial (superior-inferior) "
+                              f"axis is its axis {restore.perm[2]} (0-based): reorient it or draw the box in Slicer")
+
+
 def box_from_cli(restore: CanonicalRestore, text: str) -> SliceBox:
     """``K,I0,J0,I1,J1`` (voxel indices on slice k of the image's third axis) -> the box on the canonical grid."""
     try:
         k, i0, j0, i1, j1 = (int(v) for v in text.split(","))
     except ValueError:
         raise AnnotationError(f"--box '{text}': expected K,I0,J0,I1,J1 (five integers, voxel indices)") from None
-    if restore.perm[2] != 2:
-        raise AnnotationError(f"--box slices the image's third axis, but this image's axial (superior-inferior) axis "
-                              f"is its axis {restore.perm[2]} (0-based): reorient it or draw the box in Slicer")
+    _check_third_axis_is_axial(restore, "--box")
     return box_from_ijk(restore, (i0, j0, k), (i1, j1, k))
 
 
@@ -223,8 +252,11 @@ class Annotator:
     def annotate(self, boxes: list[SliceBox], propagate: bool = True,
                  settings: PropagationSettings = PropagationSettings(),
                  progress: ProgressCallback | None = None,
-                 should_cancel: Callable[[], bool] | None = None) -> np.ndarray:
-        """Boxes of one object -> its mask (bool, canonical (z, y, x)); ``to_image`` puts it on the input grid."""
+                 should_cancel: Callable[[], bool] | None = None, ends: Sequence[int] = ()) -> np.ndarray:
+        """Boxes of one object -> its mask (bool, canonical (z, y, x)); ``to_image`` puts it on the input grid.
+
+        ``ends``: canonical slices the object is not on (end marks); propagation stops before each of them.
+        """
         from .inference import Cancelled
 
         if not boxes:
@@ -233,6 +265,12 @@ class Annotator:
         for box in boxes:
             if not 0 <= box.slice < depth:
                 raise AnnotationError(f"box slice {box.slice} is outside the volume's {depth} axial slices")
+        ends = set(int(z) for z in ends)
+        for z in sorted(ends):
+            if not 0 <= z < depth:
+                raise AnnotationError(f"end mark slice {z} is outside the volume's {depth} axial slices")
+            if any(box.slice == z for box in boxes):
+                raise AnnotationError(f"slice {z} has both a box and an end mark: remove one of them")
         report = progress or (lambda fraction, message: None)
         cancelled = should_cancel or (lambda: False)
         scale = self.prep.input_size / self.decoder.mask_size
@@ -255,7 +293,7 @@ class Annotator:
                 continue
             for step in (1, -1):
                 previous, z = mask, start_slice + step
-                while 0 <= z < depth and z not in box_slices:
+                while 0 <= z < depth and z not in box_slices and z not in ends:
                     if z in reached and reached[z][0] <= abs(z - start_slice):
                         # a nearer box's walk already covers this slice; only continue past it if it is ours
                         break

@@ -221,7 +221,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_annotate(args) -> int:
-    from .annotation import Annotator, box_from_cli
+    from .annotation import Annotator, box_from_cli, slice_from_cli
     from .inference import resolve_device
     from .volume_io import WRITABLE_EXTENSIONS, VolumeError, read_volume, to_canonical, write_image
 
@@ -232,10 +232,11 @@ def cmd_annotate(args) -> int:
     image = read_volume(args.input)
     restore = to_canonical(image)[1]
     boxes = [box_from_cli(restore, text) for text in args.box]  # every box checked before the model loads
+    ends = [slice_from_cli(restore, text) for text in args.end or []]
     device = resolve_device(args.device)
     annotator = Annotator.from_model(image, args.model, device=device, precision=args.precision,
                                      base_checkpoint=args.base_checkpoint)
-    mask = annotator.annotate(boxes, propagate=not args.no_propagate,
+    mask = annotator.annotate(boxes, propagate=not args.no_propagate, ends=ends,
                               progress=None if args.quiet else _progress_bar("annotate"))
     write_image(annotator.to_image(mask, args.value), args.output)
     print(f"wrote {args.output} ({int(mask.any(axis=(1, 2)).sum())} slices, {int(mask.sum())} voxels)", file=sys.stderr)
@@ -371,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     ann.add_argument("--box", action="append", required=True, metavar="K,I0,J0,I1,J1",
                      help="box corners (i, j) in voxel indices on slice k of the image's third axis (repeat: "
                           "more boxes of the same object)")
+    ann.add_argument("--end", action="append", metavar="K",
+                     help="slice k of the third axis does not hold the object: propagation stops before it (repeat)")
     ann.add_argument("--output", required=True, help="label map to write (.nii.gz, .nii, .nrrd, .mha)")
     ann.add_argument("--value", type=int, default=1, help="label value inside the mask (default 1)")
     ann.add_argument("--no-propagate", action="store_true", help="only the boxes' own slices")

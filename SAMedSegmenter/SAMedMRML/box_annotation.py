@@ -22,7 +22,8 @@ from .segmentations import _mask_image, _vtk_matrix
 from .segmenter_logic import SegmentationCancelled, SegmenterLogic, _missing_dependency
 from .volumes import check_parent_transform, check_same_grid, ijk_to_ras, volume_to_sitk
 
-__all__ = ["ras_bounds_to_ijk", "roi_to_ijk", "modifier_labelmap", "apply_mask_to_segment", "BoxAnnotationLogic"]
+__all__ = ["ras_bounds_to_ijk", "roi_to_ijk", "markup_points_to_ijk", "modifier_labelmap", "apply_mask_to_segment",
+           "BoxAnnotationLogic"]
 
 
 def _world_to_local(node) -> np.ndarray:
@@ -50,6 +51,17 @@ def roi_to_ijk(volume_node, roi_node) -> tuple[np.ndarray, np.ndarray]:
     bounds = [0.0] * 6
     roi_node.GetRASBounds(bounds)  # world coordinates, the ROI's own transforms applied
     return ras_bounds_to_ijk(volume_node, bounds)
+
+
+def markup_points_to_ijk(volume_node, markups_node) -> list[np.ndarray]:
+    """Every control point of a Markups node (world RAS) -> continuous voxel index (i, j, k) of ``volume_node``:
+    end marks, each a point on a slice the object is not on."""
+    points = []
+    for n in range(markups_node.GetNumberOfControlPoints()):
+        ras = [0.0, 0.0, 0.0]
+        markups_node.GetNthControlPointPositionWorld(n, ras)
+        points.append(ras_bounds_to_ijk(volume_node, [ras[0], ras[0], ras[1], ras[1], ras[2], ras[2]])[0])
+    return points
 
 
 def modifier_labelmap(mask: sitk.Image, volume_node, segmentation_node) -> slicer.vtkOrientedImageData:
@@ -100,8 +112,10 @@ class BoxAnnotationLogic(SegmenterLogic):
         self._annotator = None  # (key, Annotator); touched on the worker only
 
     def annotate(self, volume_node, boxes_ijk, propagate: bool = True, model=None, device: str = "auto",
-                 progress=None) -> sitk.Image:
+                 progress=None, ends_ijk=()) -> sitk.Image:
         """``boxes_ijk``: (low, high) continuous voxel corners (``roi_to_ijk``) -> label map (1 inside) on the volume grid.
+
+        ``ends_ijk``: end marks, continuous voxel indices (``markup_points_to_ijk``) on slices without the object.
 
         ``model``: None for pretrained LiteMedSAM, or a fine-tuned checkpoint whose encoder to use.
         """
@@ -114,12 +128,13 @@ class BoxAnnotationLogic(SegmenterLogic):
         self._cancel.clear()
         self._progress_state = None
         try:
-            future = self.worker.submit(self._annotate_job, key, image, list(boxes_ijk), propagate, model, device)
+            future = self.worker.submit(self._annotate_job, key, image, list(boxes_ijk), propagate, model, device,
+                                        list(ends_ijk))
             return self._wait(future, progress)
         finally:
             self._running = False
 
-    def _annotate_job(self, key, image, boxes_ijk, propagate, model, device):
+    def _annotate_job(self, key, image, boxes_ijk, propagate, model, device, ends_ijk):
         try:
             from SAMedLib import annotation, inference
         except ImportError as exc:
@@ -129,9 +144,10 @@ class BoxAnnotationLogic(SegmenterLogic):
             self._annotator = (key, annotation.Annotator.from_model(image, model, device=inference.resolve_device(device)))
         annotator = self._annotator[1]
         boxes = [annotation.box_from_ijk(annotator.restore, low, high) for low, high in boxes_ijk]
+        ends = [annotation.slice_from_ijk(annotator.restore, point) for point in ends_ijk]
         try:
             mask = annotator.annotate(boxes, propagate=propagate, progress=self._set_progress,
-                                      should_cancel=self._cancel.is_set)
+                                      should_cancel=self._cancel.is_set, ends=ends)
         except inference.Cancelled as exc:
             raise SegmentationCancelled(str(exc)) from exc
         return annotator.to_image(mask)

@@ -1,8 +1,9 @@
 """Segment Editor effect "SAMed box": Markups ROI boxes -> the selected segment, propagated through slices.
 
-Thin Qt glue. Boxes are Markups ROIs (what Slicer users draw boxes with: Crop Volume, MedSAMSlicer), tagged with
-the segment they belong to; the model runs on SAMed's torch worker (``SAMedMRML.box_annotation.BoxAnnotationLogic``)
-while the GUI keeps processing events; the segment is replaced through the Segment Editor's own
+Thin Qt glue. Boxes are Markups ROIs (what Slicer users draw boxes with: Crop Volume, MedSAMSlicer) and end
+marks are Markups points (a click on a slice the organ is not on), each tagged with the segment it belongs to;
+the model runs on SAMed's torch worker (``SAMedMRML.box_annotation.BoxAnnotationLogic``) while the GUI keeps
+processing events; the segment is replaced through the Segment Editor's own
 ``modifySelectedSegmentByLabelmap`` after ``saveStateForUndo``, so masking settings and undo are the editor's.
 Registered by SAMedTrainer at start-up (``SAMedTrainer.registerBoxEffect``).
 """
@@ -14,6 +15,7 @@ import slicer
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
 BOX_SEGMENT_ATTRIBUTE = "SAMed.BoxSegmentID"  # on each ROI: the segment ID the box was drawn for
+END_SEGMENT_ATTRIBUTE = "SAMed.EndSegmentID"  # on each end-mark point list: the segment it ends
 
 
 class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
@@ -41,15 +43,20 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return ("<html>Draw a box around an organ on an axial slice (<b>Add box</b>, then click-drag in a slice view), "
                 "click <b>Apply</b>: SAM (pretrained LiteMedSAM) segments it and follows it to the neighbouring "
                 "slices. Add a box on a slice where the result is wrong and Apply again: the selected segment is "
-                "replaced by the result of all its boxes. Masking settings and Undo work as for other effects.</html>")
+                "replaced by the result of all its boxes. Where it runs on past the organ's end, <b>Mark end</b> "
+                "and click on the first slice without the organ: propagation stops there. Masking settings and "
+                "Undo work as for other effects.</html>")
 
     def setupOptionsFrame(self):
         self.addBoxButton = qt.QPushButton("Add box")
         self.addBoxButton.setToolTip("Place a box (Markups ROI) for the selected segment in a slice view")
+        self.markEndButton = qt.QPushButton("Mark end")
+        self.markEndButton.setToolTip("Click on a slice the selected segment's organ is not on: propagation stops there")
         self.clearBoxesButton = qt.QPushButton("Clear boxes")
-        self.clearBoxesButton.setToolTip("Remove the selected segment's boxes")
+        self.clearBoxesButton.setToolTip("Remove the selected segment's boxes and end marks")
         row = qt.QHBoxLayout()
         row.addWidget(self.addBoxButton)
+        row.addWidget(self.markEndButton)
         row.addWidget(self.clearBoxesButton)
         self.scriptedEffect.addOptionsWidget(row)
         self.propagateCheckBox = qt.QCheckBox("Propagate through slices")
@@ -67,6 +74,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.progressBar.visible = False
         self.scriptedEffect.addOptionsWidget(self.progressBar)
         self.addBoxButton.connect("clicked()", self.onAddBox)
+        self.markEndButton.connect("clicked()", self.onMarkEnd)
         self.clearBoxesButton.connect("clicked()", self.onClearBoxes)
         self.applyButton.connect("clicked()", self.onApply)
         self.cancelButton.connect("clicked()", self.onCancel)
@@ -79,28 +87,40 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def _selectedSegmentID(self):
         return self.scriptedEffect.parameterSetNode().GetSelectedSegmentID()
 
-    def _boxes(self):
+    def _tagged(self, className, attribute):
         segmentID = self._selectedSegmentID()
-        return [node for node in slicer.util.getNodesByClass("vtkMRMLMarkupsROINode")
-                if segmentID and node.GetAttribute(BOX_SEGMENT_ATTRIBUTE) == segmentID]
+        return [node for node in slicer.util.getNodesByClass(className)
+                if segmentID and node.GetAttribute(attribute) == segmentID]
 
-    def onAddBox(self):
+    def _boxes(self):
+        return self._tagged("vtkMRMLMarkupsROINode", BOX_SEGMENT_ATTRIBUTE)
+
+    def _endMarks(self):
+        return self._tagged("vtkMRMLMarkupsFiducialNode", END_SEGMENT_ATTRIBUTE)
+
+    def _place(self, className, name, attribute):
         segmentID = self._selectedSegmentID()
         if not segmentID:
             slicer.util.errorDisplay("Select a segment first.")
             return
-        roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", f"SAMed box {segmentID}")
-        roi.SetAttribute(BOX_SEGMENT_ATTRIBUTE, segmentID)
-        roi.CreateDefaultDisplayNodes()
+        node = slicer.mrmlScene.AddNewNodeByClass(className, f"{name} {segmentID}")
+        node.SetAttribute(attribute, segmentID)
+        node.CreateDefaultDisplayNodes()
         selectionNode = slicer.app.applicationLogic().GetSelectionNode()
-        selectionNode.SetReferenceActivePlaceNodeClassName("vtkMRMLMarkupsROINode")
-        selectionNode.SetActivePlaceNodeID(roi.GetID())
+        selectionNode.SetReferenceActivePlaceNodeClassName(className)
+        selectionNode.SetActivePlaceNodeID(node.GetID())
         interactionNode = slicer.app.applicationLogic().GetInteractionNode()
         interactionNode.SetCurrentInteractionMode(interactionNode.Place)
 
+    def onAddBox(self):
+        self._place("vtkMRMLMarkupsROINode", "SAMed box", BOX_SEGMENT_ATTRIBUTE)
+
+    def onMarkEnd(self):
+        self._place("vtkMRMLMarkupsFiducialNode", "SAMed end", END_SEGMENT_ATTRIBUTE)
+
     def onClearBoxes(self):
-        for roi in self._boxes():
-            slicer.mrmlScene.RemoveNode(roi)
+        for node in self._boxes() + self._endMarks():
+            slicer.mrmlScene.RemoveNode(node)
 
     # ------------------------------------------------------------------ apply
 
@@ -109,7 +129,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self.logic.cancel()
 
     def onApply(self):
-        from SAMedMRML.box_annotation import BoxAnnotationLogic, modifier_labelmap, roi_to_ijk
+        from SAMedMRML.box_annotation import BoxAnnotationLogic, markup_points_to_ijk, modifier_labelmap, roi_to_ijk
         from SAMedMRML.segmenter_logic import SegmentationCancelled
 
         parameterSetNode = self.scriptedEffect.parameterSetNode()
@@ -125,8 +145,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self.logic = BoxAnnotationLogic(processEvents=slicer.app.processEvents)
         self.applyButton.enabled, self.cancelButton.enabled, self.progressBar.visible = False, True, True
         try:
+            ends = [point for node in self._endMarks() for point in markup_points_to_ijk(volumeNode, node)]
             mask = self.logic.annotate(volumeNode, [roi_to_ijk(volumeNode, roi) for roi in boxes],
-                                       propagate=self.propagateCheckBox.checked, progress=self._onProgress)
+                                       propagate=self.propagateCheckBox.checked, progress=self._onProgress,
+                                       ends_ijk=ends)
             modifier = modifier_labelmap(mask, volumeNode, segmentationNode)
             self.scriptedEffect.saveStateForUndo()
             self.scriptedEffect.modifySelectedSegmentByLabelmap(modifier,
