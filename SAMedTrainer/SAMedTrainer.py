@@ -387,6 +387,8 @@ class SAMedTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._log(_("Checkpoint written: {path}").format(path=event["path"]))
         elif kind == "error":
             self._log(_("Error: {message}").format(message=event["message"]))
+        elif kind == "warning":
+            self._log(_("Warning: {message}").format(message=event["message"]))
         elif kind == "log":
             self._log(event.get("message", ""))
         elif kind in ("done", "stopped", "registered"):

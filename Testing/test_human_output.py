@@ -68,6 +68,8 @@ def test_training_events_read_as_sentences():
     stopped = {"event": "stopped", "path": "m.safetensors", "iteration": 73, "seconds": 95.2, "best_mean_dice": -1.0}
     assert format_training_event(stopped) == ("training stopped after 73 iterations in 1m35s, no validation slices: "
                                               "m.safetensors")
+    warning = {"event": "warning", "message": "best validation mean Dice 0.523 is below 0.7: ..."}
+    assert format_training_event(warning) == "warning: best validation mean Dice 0.523 is below 0.7: ..."
     log = io.StringIO()
     display = TrainingDisplay(log)
     for i in range(1, 5):

@@ -43,7 +43,7 @@ from SAMedLib.model import build_model
 from SAMedLib.model_card import Preprocessing
 from SAMedLib.preprocessing import model_input, normalize_intensity, slice_to_model_theta
 from SAMedLib.schedule import learning_rate
-from SAMedLib.trainer import REFINEMENT_MARGIN, TrainConfig, train
+from SAMedLib.trainer import REFINEMENT_MARGIN, UNDERTRAINED_DICE, TrainConfig, train
 from SAMedLib.training_data import TrainingDataError, TrainingVolume, prepare_training_pair
 from SAMedLib.volume_io import read_volume, resample_to_reference
 
@@ -486,6 +486,10 @@ def test_short_real_fine_tune_raises_liver_dice(shared_data, tmp_path, capsys, l
         assert all(v is None or 0 <= v <= 1 for v in e["dice"].values())
         assert 0 <= e["mean_dice"] <= 1 and isinstance(e["best"], bool)
     assert events[-1]["event"] == "done" and events[-1]["path"] == str(out)
+    # A run that validates below UNDERTRAINED_DICE says so just before it ends; a converged one does not.
+    warnings = [e for e in events if e["event"] == "warning"]
+    best = max(e["mean_dice"] for e in validations)
+    assert len(warnings) == (best < UNDERTRAINED_DICE) and (not warnings or events[-2] == warnings[0])
     assert iterations[-1]["loss"] < iterations[0]["loss"]
     assert not Path(str(out) + ".resume.pt").exists()
 

@@ -100,7 +100,7 @@ def format_dice(dice: dict[str, float | None]) -> str:
 
 
 def format_training_event(event: dict) -> str | None:
-    """One sentence for a validation, checkpoint, done or stopped event of ``SAMedLib.trainer.train``;
+    """One sentence for a validation, checkpoint, warning, done or stopped event of ``SAMedLib.trainer.train``;
     None for the events a progress bar shows (iteration, encoding)."""
     kind = event.get("event")
     if kind == "validation":
@@ -118,6 +118,8 @@ def format_training_event(event: dict) -> str | None:
     if kind == "refinement":
         chosen = ", ".join(f"{name} {choice}" for name, choice in event["chosen"].items())
         return f"self-prompted refinement chosen on the validation slices: {chosen}"
+    if kind == "warning":
+        return f"warning: {event['message']}"
     if kind in ("iteration", "encoding"):
         return None
     return f"{kind}: " + ", ".join(f"{k} {v}" for k, v in event.items() if k != "event")

@@ -33,6 +33,7 @@ def parse_progress_line(line: str) -> dict | None:
         "done": ("path",),
         "stopped": ("path",),
         "error": ("message",),
+        "warning": ("message",),
     }.get(event["event"], ())
     for key in required:
         if key not in event:
