@@ -182,7 +182,7 @@ def test_cli_refuses_a_box_on_a_non_axial_third_axis(tmp_path, capsys, args, mes
     ("30,1,1,5,5", "outside the image"),
     ("3,4,1,4,6", "empty"),
     ("3,1,1,5", "five integers"),
-    ("3,1,1,5,5 --end 30", "end mark (i, j, k) = (0.0, 0.0, 30.0) is outside the image"),
+    ("3,1,1,5,5 --end 30", "--end 30: outside the image's 12 slices (0 to 11)"),
     ("3,1,1,5,5 --end top", "expected K, a slice index"),
 ])
 def test_cli_box_validation(tmp_path, capsys, box, message):

@@ -110,6 +110,8 @@ def slice_from_cli(restore: CanonicalRestore, text: str) -> int:
     except ValueError:
         raise AnnotationError(f"--end '{text}': expected K, a slice index of the image's third axis") from None
     _check_third_axis_is_axial(restore, "--end")
+    if not 0 <= k < restore.size[2]:
+        raise AnnotationError(f"--end {k}: outside the image's {restore.size[2]} slices (0 to {restore.size[2] - 1})")
     return slice_from_ijk(restore, (0, 0, k))
 
 
