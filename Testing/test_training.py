@@ -437,6 +437,9 @@ def test_samed_train_bad_input_exits_2(shared_data, tmp_path, capsys, fast_train
     code = cli.main(["train", "--image", image, "--labels", str(far_path), "--classes", "5:liver",
                      "--output", str(tmp_path / "model.pt"), "--device", "cpu"])
     assert code == 2 and ".safetensors" in capsys.readouterr().err
+    code = cli.main(["train", "--image", image, "--labels", str(far_path), "--classes", "5:liver",
+                     "--warmup-fraction", "1", "--output", str(out), "--device", "cpu"])
+    assert code == 2 and "warm-up fraction must be from 0 to below 1, got 1.0" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- real fine-tune
@@ -467,7 +470,7 @@ def test_short_real_fine_tune_raises_liver_dice(shared_data, tmp_path, capsys, l
     code = cli.main(["train", "--image", str(shared_data / "ct_3mm.nii.gz"), "--labels",
                      str(shared_data / "ct_3mm_labels.nii.gz"), "--classes", FOUR_ORGANS, "--mode", "frozen",
                      "--head", "cnn", "--views-per-slice", "1", "--max-labeled-slices", "8", "--iterations", "30",
-                     "--batch-size", "4", "--validate-every", "10", "--val-image", str(validation),
+                     "--batch-size", "4", "--validate-every", "10", "--warmup-fraction", "0.2", "--val-image", str(validation),
                      "--val-labels", str(shared_data / "ct_dicom_labels.nii.gz"), "--device", "cpu",
                      "--progress-json", "--output", str(out)])
     assert code == 0
@@ -496,6 +499,8 @@ def test_short_real_fine_tune_raises_liver_dice(shared_data, tmp_path, capsys, l
     card = read_model_card(out)
     assert card.head == "cnn" and card.mode == "frozen" and [c.value for c in card.classes] == [1, 5, 6, 52]
     assert card.training["iterations"] == 30 and card.training["training_slices"] == 9  # 8 labeled + 1 background
+    assert card.training["warmup_fraction"] == 0.2
+    assert [e["lr"] for e in iterations[:2]] == pytest.approx([1e-3 / 6, 2e-3 / 6])  # 6 warm-up iterations
     assert card.training["validation_mean_dice"] == max(e["mean_dice"] for e in validations)  # best one kept
     assert card.preprocessing.resolution_mm == 3.0  # the training scan's in-plane spacing: inference smooths to it
     # Refinement chosen class by class on the validation volume: box unless another choice beats it by the margin.

@@ -207,7 +207,8 @@ def cmd_train(args) -> int:
         images=args.image, labels=args.labels, classes=parse_class_list(args.classes), output=args.output,
         base=args.base, base_checkpoint=args.base_checkpoint, input_size=args.input_size, mode=args.mode,
         head=args.head, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, iterations=args.iterations,
-        batch_size=args.batch_size, learning_rate=args.lr, views_per_slice=args.views_per_slice,
+        batch_size=args.batch_size, learning_rate=args.lr, warmup_fraction=args.warmup_fraction,
+        views_per_slice=args.views_per_slice,
         max_labeled_slices=args.max_labeled_slices, validation_image=args.val_image,
         validation_labels=args.val_labels, validate_every=args.validate_every, early_stopping=args.early_stopping,
         refinement=args.refinement, cleanup=args.cleanup, device=args.device, precision=args.precision, seed=args.seed, cache_dir=args.cache_dir, resume=args.resume,
@@ -337,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     tr.add_argument("--lr", type=float, default=TrainConfig.learning_rate,
                     help="peak learning rate (AdamW, warm-up + poly decay)")
+    tr.add_argument("--warmup-fraction", type=float, default=TrainConfig.warmup_fraction,
+                    help="share of the iterations the learning rate rises linearly to its peak (0 to <1)")
     tr.add_argument("--views-per-slice", type=int, default=TrainConfig.views_per_slice,
                     help="frozen mode: plain + augmented views, each encoded once")
     tr.add_argument("--max-labeled-slices", type=int, help="use only this many labeled slices (label-efficiency)")

@@ -481,6 +481,7 @@ def _summary(config: TrainConfig, mode: str, iteration: int, best_mean: float, b
              volumes: list[TrainingVolume], train_parts, precision: str) -> dict:
     return {"mode": mode, "iterations": iteration, "iterations_planned": config.iterations,
             "batch_size": config.batch_size, "learning_rate": config.learning_rate,
+            "warmup_fraction": config.warmup_fraction,
             "views_per_slice": config.views_per_slice, "training_slices": int(sum(len(s) for _, s in train_parts)),
             "images": [v.name for v in volumes], "validation_mean_dice": round(best_mean, 4),
             "validation_dice": best_dice, "seconds": round(seconds, 1), "seed": config.seed,
@@ -495,6 +496,8 @@ def _check_config(config: TrainConfig) -> None:
         raise SAMedError("iterations, batch size and views per slice must be >= 1")
     if (config.validation_image is None) != (config.validation_labels is None):
         raise SAMedError("a validation volume needs both --val-image and --val-labels")
+    if not 0 <= config.warmup_fraction < 1:
+        raise SAMedError(f"warm-up fraction must be from 0 to below 1, got {config.warmup_fraction}")
     if not str(config.output).endswith(".safetensors"):
         raise SAMedError(f"output must be a .safetensors file, got {config.output}")
 
