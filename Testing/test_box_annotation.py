@@ -107,9 +107,8 @@ def test_a_prompt_is_decoded_on_its_window_with_the_same_mask(annotator, spleen_
         whole_logits, _ = whole(embedding, [prompt])
         (y0, y1), (x0, x1) = annotator.decoder.window(prompt.box, embedding.shape[-2:])
         assert y0 > 0 and (y1 - y0) * (x1 - x0) < embedding.shape[-1] * embedding.shape[-2] / 2  # a real saving
-        outside = embedding.clone()
-        outside[..., :y0, :] = 0.0  # the decoder never sees the embedding outside the window
-        outside[..., y1:, :] = 0.0
+        outside = torch.zeros_like(embedding)  # the decoder never sees the embedding outside the window
+        outside[..., y0:y1, x0:x1] = embedding[..., y0:y1, x0:x1]
         outside_logits, _ = annotator.decoder(outside, [prompt])
     assert torch.equal(outside_logits, windowed_logits)
     assert (windowed_logits[0, :4 * y0] == OUTSIDE_LOGIT).all()

@@ -100,7 +100,7 @@ def slice_from_ijk(restore: CanonicalRestore, point) -> int:
                               f"(size {tuple(int(s) for s in size)})")
     original = restore.perm[2]
     k = int(round(point[original]))
-    return size[original] - 1 - k if restore.flip[2] else k
+    return int(size[original] - 1 - k) if restore.flip[2] else k
 
 
 def slice_from_cli(restore: CanonicalRestore, text: str) -> int:

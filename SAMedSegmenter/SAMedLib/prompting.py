@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["PromptDecoder", "Prompt", "CONTEXT_TOKENS", "OUTSIDE_LOGIT", "mask_prompt", "mask_prompts", "clean_mask", "native_to_model_xy",
-           "mask_pixel_mm"]
+__all__ = ["PromptDecoder", "Prompt", "CONTEXT_TOKENS", "OUTSIDE_LOGIT", "mask_prompt", "mask_prompts", "clean_mask",
+           "native_to_model_xy", "mask_pixel_mm"]
 
 
 @dataclass(frozen=True)

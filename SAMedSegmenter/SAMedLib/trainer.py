@@ -459,9 +459,9 @@ def _choose_postprocessing(config: TrainConfig, model: SAMedModel, backbone, val
                     head_logits = refine_logits(head_logits, embeddings, decoder, [choice] * len(names), margin)
                 logits.append(head_logits.cpu())
             dice[choice] = _dice_per_class(torch.cat(logits), val_views.targets, len(names))
+    handicap = {choice: 0.0 if choice == "box" else REFINEMENT_MARGIN for choice in REFINEMENTS}
     for k, name in enumerate(names):
         scores = {choice: (-1.0 if np.isnan(d[k]) else float(d[k])) for choice, d in dice.items()}
-        handicap = {choice: 0.0 if choice == "box" else REFINEMENT_MARGIN for choice in REFINEMENTS}
         post.refinement_by_class[name] = max(REFINEMENTS, key=lambda c: scores[c] - handicap[c])
     report({"event": "refinement", "chosen": dict(post.refinement_by_class),
             "validation_dice": {choice: {n: (None if np.isnan(v) else round(float(v), 4)) for n, v in zip(names, d)}
