@@ -254,6 +254,16 @@ def test_extent_keeps_an_organ_with_a_missed_slice_and_real_reference_organs(sha
         labels[z, 2:2 + max(2, 16 - abs(z - 15)), 2:18] = 1  # rises and falls once
     labels[10] = 0  # one slice missed by the head: not a waist
     assert (keep_main_extent(labels, None, [1], (2.0, 1.0, 1.0)) == labels).all()
+    # A thin tube (the aorta) whose head nearly misses two of three slices (slab-bright selection split, 3 mm).
+    tube = np.zeros((40, 20, 20), np.uint8)
+    tube[:, 8:13, 8:13] = 1
+    tube[18, 8:9, 8:10] = tube[20, 8:9, 8:9] = 1  # slices 18 and 20: a few voxels left
+    tube[18, 9:13] = tube[20, 9:13] = 0
+    assert (keep_main_extent(tube, None, [1], (3.0, 1.0, 1.0)) == tube).all()
+    tube[16:24] = 0  # 24 mm without it is a real waist, before a smaller structure
+    tube[:16, 8:11] = 0
+    out = keep_main_extent(tube, None, [1], (3.0, 1.0, 1.0))
+    assert not out[:16].any() and (out[24:] == tube[24:]).all()
     # Real organs of both scans (reference labels) pass untouched, whatever the orientation.
     for name in ("ct_3mm_labels.nii.gz", "ct_dicom_labels.nii.gz"):
         reference = read_volume(shared_data / name, allow_constant=True)
