@@ -107,6 +107,20 @@ SELECTION_RECORD = [
     "scored models themselves (forward seeds 1234 and 7, reverse 1234, phase -60 HU 1234) at 4 and 8 tokens "
     "against the whole embedding: mean Dice within 0.001, per organ within 0.002 except one spleen (-0.011 at "
     "8, -0.009 at 4); 8 kept for the wider context. The models are those of stop 15, re-scored.",
+    "Stop 18: the `extent` clean-up smooths each class's z-profile with the root of its 9 mm median (the median "
+    "repeated until it no longer changes) instead of one pass. Chosen on a new selection split, `slab-bright` "
+    "(bench/transfer_selection.py: the ct_3mm slab with spleen/liver/aorta brightened to ct_dicom's levels, +45/"
+    "+47/+110 HU, segmenting the whole natural ct_3mm; training seed 0): the head found the dark aorta on every "
+    "other slice only (missed, found, missed), one median pass made that a waist and kept 11 of the aorta's 51 "
+    "slices; the root: mean Dice 0.779 -> 0.853, aorta 0.313 -> 0.608, 0 false-positive voxels beyond the "
+    "organs either way. A grey closing before the median bridged the aorta as well (0.851) but also a true "
+    "two-slice waist below the liver on `slab-to-bright` (natural slab -> brightened ct_3mm: 0.945 -> 0.913, "
+    "liver 0.976 -> 0.857): rejected; the root keeps 0.945 there and 0.898 on the slab split. Confirmed on the "
+    "matrix (same models re-scored): every case's mean and per-organ Dice unchanged to the third decimal - the "
+    "scored reverse models do not find the non-contrast aorta at all on most slices, so there is no gap to bridge.",
+    "Rejected at stop 18: stratified class levels (a slice's two augmented views draw each class's level from "
+    "the lower and the upper half of the range, in random order) on `slab-bright`, seed 0 (before the root "
+    "median): mean Dice 0.779 -> 0.753 (aorta 0.313 -> 0.290, stomach 0.903 -> 0.821), head alone 0.596 -> 0.566.",
     "Class-level augmentation range (15 HU .. saturated), far shifts (p 0.2, 35-75 % of the grid), 8 mm box "
     "margin and the components clean-up thresholds were set from physiology / the self-prompting probe "
     "(shared notes), not tuned on any scored case.",

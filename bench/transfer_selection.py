@@ -6,6 +6,11 @@ Two splits, neither of which is a scored case of the transfer benchmark:
 - ``slab``: train on a 42 mm slab of ct_3mm (slices 90-103: all four organs on every slice, like the ct_dicom
   series) and segment the **whole** ct_3mm volume: how much does the model predict on the 98 slices beyond its
   training coverage? This imitates the reverse case inside the training volume, without touching the reverse test.
+- ``slab-bright``: the same slab with its spleen, liver and aorta brightened to ct_dicom's portal-venous levels
+  (``PHASE_DELTAS``: the differences of the organs' median HU between the two scans, feathered like the
+  benchmark's phase shifts), segmenting the whole, natural (non-contrast) ct_3mm: the reverse case's phase
+  change and coverage change together;
+- ``slab-to-bright``: the natural slab, segmenting the whole ct_3mm brightened by ``PHASE_DELTAS``.
 
 Every model is scored with each post-processing combination (refinement none/box/box+point x clean-up
 none/components/largest). Usage: ``python bench/transfer_selection.py --head samed --head cnn``.
@@ -29,17 +34,28 @@ from SAMedLib.inference import segment_image
 from SAMedLib.model_card import CLEANUPS, REFINEMENTS
 from SAMedLib.volume_io import read_volume
 
-from transfer_benchmark import CLASSES, DATA, ORGANS, RESULTS, load_scan, score
+from transfer_benchmark import CLASSES, DATA, ORGANS, RESULTS, load_scan, phase_shift, score
 
 SLAB = slice(90, 104)
+# ct_dicom minus ct_3mm, median HU inside each organ's reference label (spleen 80-35, liver 93-46, aorta 151-41).
+PHASE_DELTAS = {1: 45.0, 5: 47.0, 52: 110.0}
 
 
-def slab_files(folder: Path) -> tuple[Path, Path]:
-    image, labels = folder / "slab.nii.gz", folder / "slab_labels.nii.gz"
+def slab_files(folder: Path, bright: bool = False) -> tuple[Path, Path]:
+    image, labels = folder / f"slab{'_bright' if bright else ''}.nii.gz", folder / "slab_labels.nii.gz"
     if not image.exists():
-        sitk.WriteImage(read_volume(DATA / "ct_3mm.nii.gz")[:, :, SLAB], str(image))
-        sitk.WriteImage(read_volume(DATA / "ct_3mm_labels.nii.gz", allow_constant=True)[:, :, SLAB], str(labels))
+        volume, reference = load_scan("ct_3mm")
+        if bright:
+            volume = phase_shift(volume, reference, PHASE_DELTAS)
+        sitk.WriteImage(volume[:, :, SLAB], str(image))
+        sitk.WriteImage(reference[:, :, SLAB], str(labels))
     return image, labels
+
+
+def load_test(name: str) -> tuple[sitk.Image, sitk.Image]:
+    """A test scan by name; ``ct_3mm-bright`` is ct_3mm with PHASE_DELTAS applied."""
+    image, reference = load_scan(name.removesuffix("-bright"))
+    return (phase_shift(image, reference, PHASE_DELTAS) if name.endswith("-bright") else image), reference
 
 
 def main() -> None:
@@ -56,12 +72,17 @@ def main() -> None:
     results = json.loads(path.read_text()) if path.exists() else {}
     results.setdefault("runs", [])
     slab_image, slab_labels = slab_files(args.out)
+    bright_image, _ = slab_files(args.out, bright=True)
     training = {"forward-seed0": (DATA / "ct_3mm.nii.gz", DATA / "ct_3mm_labels.nii.gz", "ct_dicom"),
-                "slab": (slab_image, slab_labels, "ct_3mm")}
+                "slab": (slab_image, slab_labels, "ct_3mm"),
+                "slab-bright": (bright_image, slab_labels, "ct_3mm"),
+                "slab-to-bright": (slab_image, slab_labels, "ct_3mm-bright")}
     for head in args.head or ["samed"]:
         for split in args.splits.split(","):
             image_path, labels_path, test = training[split]
-            model = args.out / f"{split}_{head}{'_'.join([''] + [e.strip('-') for e in args.extra.split()])}.safetensors"
+            # Named after the training image: splits that train on the same volume share the model.
+            trained_on = Path(image_path).name.split(".")[0]
+            model = args.out / f"{trained_on}_{head}{'_'.join([''] + [e.strip('-') for e in args.extra.split()])}.safetensors"
             start = time.perf_counter()
             if not model.exists():
                 code = samed(["train", "--image", str(image_path), "--labels", str(labels_path), "--classes", CLASSES,
@@ -70,7 +91,7 @@ def main() -> None:
                 if code:
                     raise SystemExit(code)
             seconds = time.perf_counter() - start
-            image, reference = load_scan(test)
+            image, reference = load_test(test)
             loaded = load_model(model)
             scores = {}
             for refinement in REFINEMENTS:
