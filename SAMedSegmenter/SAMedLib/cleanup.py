@@ -29,8 +29,8 @@ WAIST = 0.25
 RISE = 1.5
 # A median over ~9 mm of slices, repeated until it no longer changes (its root): one missed slice is not a
 # waist, nor is a head that misses every other slice of a thin organ (the aorta on the slab-bright selection
-# split: missed, found, missed), while a dip two windows long is kept (a closing filled those too and cut a
-# true liver there).
+# split: missed, found, missed), while a dip longer than half the window is kept (two slices at 3 mm; a
+# closing filled those too and cut a true liver on slab-to-bright).
 PROFILE_SMOOTHING_MM = 9.0
 USES_CONFIDENCE = ("components", "extent")  # clean-ups that weigh voxels by the head's confidence
 
