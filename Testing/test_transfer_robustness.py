@@ -259,8 +259,9 @@ def test_extent_keeps_an_organ_with_a_missed_slice_and_real_reference_organs(sha
     # A thin tube (the aorta) whose head nearly misses two of three slices (slab-bright selection split, 3 mm).
     tube = np.zeros((40, 20, 20), np.uint8)
     tube[:, 8:13, 8:13] = 1
-    tube[18, 8:9, 8:10] = tube[20, 8:9, 8:9] = 1  # slices 18 and 20: a few voxels left
-    tube[18, 9:13] = tube[20, 9:13] = 0
+    for z, kept in ((18, 2), (20, 1)):  # slices 18 and 20: a voxel or two of the 25 left
+        tube[z] = 0
+        tube[z, 8, 8:8 + kept] = 1
     assert (keep_main_extent(tube, None, [1], (3.0, 1.0, 1.0)) == tube).all()
     tube[16:24] = 0  # 24 mm without it is a real waist, before a smaller structure
     tube[:16, 8:11] = 0

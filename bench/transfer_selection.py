@@ -13,7 +13,7 @@ Two splits, neither of which is a scored case of the transfer benchmark:
 - ``slab-to-bright``: the natural slab, segmenting the whole ct_3mm brightened by ``PHASE_DELTAS``.
 
 Every model is scored with each post-processing combination (refinement none/box/box+point x clean-up
-none/components/largest). Usage: ``python bench/transfer_selection.py --head samed --head cnn``.
+none/components/extent/largest). Usage: ``python bench/transfer_selection.py --head samed --head cnn``.
 """
 from __future__ import annotations
 
@@ -32,7 +32,6 @@ from SAMedLib.cleanup import clean_label_image
 from SAMedLib.cli import main as samed
 from SAMedLib.inference import segment_image
 from SAMedLib.model_card import CLEANUPS, REFINEMENTS
-from SAMedLib.volume_io import read_volume
 
 from transfer_benchmark import CLASSES, DATA, ORGANS, RESULTS, load_scan, phase_shift, score
 
@@ -41,15 +40,15 @@ SLAB = slice(90, 104)
 PHASE_DELTAS = {1: 45.0, 5: 47.0, 52: 110.0}
 
 
-def slab_files(folder: Path, bright: bool = False) -> tuple[Path, Path]:
-    image, labels = folder / f"slab{'_bright' if bright else ''}.nii.gz", folder / "slab_labels.nii.gz"
-    if not image.exists():
+def slab_files(folder: Path) -> tuple[Path, Path, Path]:
+    """The slab, the slab brightened by PHASE_DELTAS, and their labels (written once, from one read of ct_3mm)."""
+    image, bright, labels = folder / "slab.nii.gz", folder / "slab_bright.nii.gz", folder / "slab_labels.nii.gz"
+    if not (image.exists() and bright.exists() and labels.exists()):
         volume, reference = load_scan("ct_3mm")
-        if bright:
-            volume = phase_shift(volume, reference, PHASE_DELTAS)
         sitk.WriteImage(volume[:, :, SLAB], str(image))
+        sitk.WriteImage(phase_shift(volume, reference, PHASE_DELTAS)[:, :, SLAB], str(bright))
         sitk.WriteImage(reference[:, :, SLAB], str(labels))
-    return image, labels
+    return image, bright, labels
 
 
 def load_test(name: str) -> tuple[sitk.Image, sitk.Image]:
@@ -71,8 +70,7 @@ def main() -> None:
     path = RESULTS / f"{args.tag}.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     results.setdefault("runs", [])
-    slab_image, slab_labels = slab_files(args.out)
-    bright_image, _ = slab_files(args.out, bright=True)
+    slab_image, bright_image, slab_labels = slab_files(args.out)
     training = {"forward-seed0": (DATA / "ct_3mm.nii.gz", DATA / "ct_3mm_labels.nii.gz", "ct_dicom"),
                 "slab": (slab_image, slab_labels, "ct_3mm"),
                 "slab-bright": (bright_image, slab_labels, "ct_3mm"),
