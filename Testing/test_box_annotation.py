@@ -115,6 +115,21 @@ def test_a_prompt_is_decoded_on_its_window_with_the_same_mask(annotator, spleen_
     assert dice(windowed_logits[0].numpy() > 0, whole_logits[0].numpy() > 0) > 0.97
 
 
+
+def test_the_decoder_runs_in_fp32_under_any_autocast(annotator, spleen_volume):
+    """Refinement and annotation decode inside the encoder's bf16 autocast; the masks must not depend on it."""
+    _, spleen = spleen_volume
+    z = len(spleen) - 2
+    embedding = annotator.embedding(z)
+    prompt = Prompt(annotator.model_box(annotator.grown(reference_box(spleen, z), 6.0)))
+    with torch.inference_mode():
+        plain_logits, plain_iou = annotator.decoder(embedding.float(), [prompt])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast_logits, autocast_iou = annotator.decoder(embedding.to(torch.bfloat16), [prompt])
+    assert autocast_logits.dtype == torch.float32
+    assert torch.equal(autocast_logits, plain_logits) and torch.equal(autocast_iou, plain_iou)
+
+
 @pytest.mark.slow
 def test_an_end_mark_stops_propagation_before_its_slice(annotator, spleen_volume):
     _, spleen = spleen_volume

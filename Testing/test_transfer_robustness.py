@@ -219,6 +219,34 @@ def test_cleanup_drops_a_large_but_unconfident_component():
     assert (out[0:4, 0:10, 0:10] == 1).all() and not (out[6:10] == 1).any()
 
 
+
+def test_component_cleanup_in_each_class_box_equals_scoring_over_the_whole_volume():
+    """The per-class bounding-box shortcut keeps exactly what scoring every component over the whole volume keeps."""
+    from scipy import ndimage
+
+    from SAMedLib.cleanup import CONNECTIVITY
+
+    rng = np.random.default_rng(3)
+    blobs = ndimage.gaussian_filter(rng.random((24, 48, 48)), 1.5)
+    labels = np.select([blobs > 0.53, blobs < 0.47], [5, 6], 0).astype(np.uint8)
+    labels[0, 0, 0] = labels[-1, -1, -1] = 5  # one-voxel islands at both corners: the box is the whole volume
+    labels[:, :, :20][labels[:, :, :20] == 6] = 0  # class 6 lives in part of the volume only: a smaller box
+    confidence = rng.integers(60, 256, labels.shape).astype(np.uint8)
+    expected = labels.copy()
+    for value in (5, 6):
+        components, count = ndimage.label(labels == value, structure=CONNECTIVITY)
+        index = np.arange(1, count + 1)
+        volume = ndimage.sum_labels(np.ones(labels.shape), components, index) * 2.0 / 1000.0
+        mean_conf = ndimage.mean(confidence.astype(float), components, index) / 255.0
+        score = volume * mean_conf
+        keep = (score >= 0.1 * score.max()) & (mean_conf >= 0.5) & (volume >= 0.1)
+        keep[np.argmax(score)] = True
+        expected[(labels == value) & ~np.isin(components, index[keep])] = 0
+    out = keep_plausible_components(labels, confidence, [5, 6], (2.0, 1.0, 1.0))
+    assert (labels != expected).sum() > 0 and (expected == 6).any()  # the example removes and keeps something
+    assert np.array_equal(out, expected)
+
+
 def _organ_with_attached_false_positive() -> tuple[np.ndarray, np.ndarray]:
     """Liver (5) and stomach (6) side by side on slices 20-39; the liver's label runs on, connected, as a
     bowel-sized plateau over slices 0-17 (what a model trained on 40 mm predicts on pelvic slices)."""

@@ -230,7 +230,7 @@ class Annotator:
             return self._decoded[key]
         embedding = self.embedding(z)
         start = time.perf_counter()
-        with torch.inference_mode(), autocast(self.device, self.precision):
+        with torch.inference_mode():  # the decoder runs in fp32 (PromptDecoder.forward)
             logits, iou = self.decoder(embedding, prompts)
         self.decoder_runs += 1
         self.decoder_seconds += time.perf_counter() - start

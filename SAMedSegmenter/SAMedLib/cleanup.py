@@ -64,20 +64,35 @@ def keep_plausible_components(labels: np.ndarray, confidence: np.ndarray | None,
     voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
     out = labels.copy()
     for value in values:
-        mask = labels == value
-        components, count = ndimage.label(mask, structure=CONNECTIVITY)
-        if count == 0:
+        box = _bounding_box(labels == value)
+        if box is None:
             continue
-        index = np.arange(1, count + 1)
-        volume = ndimage.sum_labels(np.ones_like(components, np.float32), components, index) * voxel_ml
-        mean_conf = (ndimage.mean(confidence.astype(np.float32), components, index) / 255.0
+        # Labelled and counted inside the class's bounding box only, by bincount (ndimage.sum_labels and mean over
+        # the whole volume took 3x longer on the 512 x 512 DICOM series).
+        mask = labels[box] == value
+        components, count = ndimage.label(mask, structure=CONNECTIVITY)
+        flat = components.ravel()
+        voxels = np.bincount(flat, minlength=count + 1)[1:]
+        volume = voxels * voxel_ml
+        mean_conf = (np.bincount(flat, weights=confidence[box].ravel(), minlength=count + 1)[1:] / voxels / 255.0
                      if confidence is not None else np.ones(count))
         score = volume * mean_conf
         best = int(np.argmax(score))
         keep = (score >= keep_fraction * score[best]) & (mean_conf >= min_confidence) & (volume >= min_volume_ml)
         keep[best] = True
-        out[mask & ~np.isin(components, index[keep])] = 0
+        out[box][mask & ~np.concatenate([[True], keep])[components]] = 0
     return out
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box (one slice per axis) holding every True voxel of ``mask``; None when it has none."""
+    box = []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if len(hits) == 0:
+            return None
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)
 
 
 def class_profiles(labels: np.ndarray, confidence: np.ndarray | None, values: list[int],

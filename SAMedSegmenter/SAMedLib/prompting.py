@@ -59,8 +59,14 @@ class PromptDecoder(nn.Module):
         """embedding (1,C,h,w) of one slice, K prompts -> logits (K, 4h, 4w) and predicted IoU (K,).
 
         Each prompt is decoded on the window of the embedding around its box (``window``); outside it the logits
-        are ``OUTSIDE_LOGIT``.
+        are ``OUTSIDE_LOGIT``. The decoder always runs in fp32, whatever the caller's autocast: on the 2-core CPU
+        that was faster than bf16 (self-prompted refinement 0.110 -> 0.094 s/slice on the DICOM series, 0.18 ->
+        0.13 on ct_3mm; Dice within 0.0004), and the masks no longer depend on a CPU's bf16 support.
         """
+        with torch.autocast(embedding.device.type, enabled=False):
+            return self._decode(embedding.float(), prompts)
+
+    def _decode(self, embedding: torch.Tensor, prompts: list[Prompt]) -> tuple[torch.Tensor, torch.Tensor]:
         size = self.mask_size
         if not prompts:
             return embedding.new_zeros((0, size, size)), embedding.new_zeros((0,))
@@ -73,8 +79,8 @@ class PromptDecoder(nn.Module):
             sparse, dense = self.prompt_encoder(points=self._point(prompt, embedding.device),
                                                 boxes=torch.tensor([prompt.box], dtype=torch.float32,
                                                                    device=embedding.device), masks=None)
-            mask, iou = self.mask_decoder(image_embeddings=embedding[:1, :, y0:y1, x0:x1].to(sparse.dtype),
-                                          image_pe=dense_pe[:, :, y0:y1, x0:x1].to(sparse.dtype),
+            mask, iou = self.mask_decoder(image_embeddings=embedding[:1, :, y0:y1, x0:x1],
+                                          image_pe=dense_pe[:, :, y0:y1, x0:x1],
                                           sparse_prompt_embeddings=sparse,
                                           dense_prompt_embeddings=dense[:, :, y0:y1, x0:x1],
                                           multimask_output=False)
