@@ -11,6 +11,7 @@ import torch
 from SAMedLib.annotation import (AnnotationError, Annotator, PropagationSettings, SliceBox, box_from_cli, box_from_ijk,
                                  slice_from_cli)
 from SAMedLib.cli import main as samed
+from SAMedLib.gap_fill import fill_gaps, gap_slices
 from SAMedLib.metrics import dice
 from SAMedLib.model_card import Preprocessing
 from SAMedLib.prompting import OUTSIDE_LOGIT, Prompt, PromptDecoder
@@ -246,3 +247,30 @@ def test_cli_annotate_writes_the_value_on_the_input_grid(tmp_path, spleen_volume
     assert samed(["annotate", str(path), "--box", box, "--value", "7", "--no-propagate", "-q", "--output",
                   str(with_model), "--device", "cpu", "--model", str(tiny_checkpoint)]) == 0
     assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(with_model))), labels)
+
+
+def test_gap_slices_are_only_between_found_slices():
+    area = np.array([0, 0, 10, 12, 0, 11, 3, 0, 0])
+    assert gap_slices(area, window=2) == [4]  # slice 6 (3 px, then nothing) is the organ's end, not a gap
+    assert gap_slices(np.array([9, 8, 5, 8, 9]), window=1) == []  # a waist above half its neighbours stays
+    assert gap_slices(np.array([9, 0, 0, 9]), window=2) == [1, 2]  # two missed slices in a row
+
+
+@pytest.mark.slow
+def test_a_missed_slice_inside_the_spleen_is_filled_and_its_end_is_not(annotator, spleen_volume):
+    _, spleen = spleen_volume
+    present = np.flatnonzero(spleen.any(axis=(1, 2)))
+    first, middle = int(present.min()), int(present[len(present) // 2])
+    labels = spleen.astype(np.uint8) * SPLEEN
+    labels[first] = 0  # the organ's end missed: nothing above-and-below says it is a gap
+    labels[middle] = 0  # missed between two found slices
+    ys, xs = np.nonzero(spleen[middle])
+    other = (slice(int(ys.min()), int(ys.min()) + 4), slice(int(xs.min()), int(xs.max()) + 1))
+    labels[middle][other] = 5  # another class on part of the gap slice keeps its pixels
+    filled, slices = fill_gaps(labels, annotator, [SPLEEN])
+    assert slices == {SPLEEN: [middle]}
+    assert dice(filled[middle] == SPLEEN, spleen[middle]) > 0.85
+    assert (filled[middle][other] == 5).all()
+    unchanged = np.ones(len(labels), bool)
+    unchanged[middle] = False
+    assert np.array_equal(filled[unchanged], labels[unchanged])

@@ -13,7 +13,8 @@ Two splits, neither of which is a scored case of the transfer benchmark:
 - ``slab-to-bright``: the natural slab, segmenting the whole ct_3mm brightened by ``PHASE_DELTAS``.
 
 Every model is scored with each post-processing combination (refinement none/box/box+point x clean-up
-none/components/extent/largest). Usage: ``python bench/transfer_selection.py --head samed --head cnn``.
+none/components/extent/largest), and with box refinement, ``extent`` and gap filling (``box/extent+fill``,
+SAMedLib.gap_fill). Usage: ``python bench/transfer_selection.py --head samed --head cnn``.
 """
 from __future__ import annotations
 
@@ -92,19 +93,26 @@ def main() -> None:
             image, reference = load_test(test)
             loaded = load_model(model)
             scores = {}
+
+            def record(key: str, pred: sitk.Image, t: float) -> None:
+                s = score(pred, reference, classes)
+                scores[key] = {"mean_dice": round(float(np.mean([s["classes"][o]["dice"] for o in ORGANS])), 4),
+                               "dice": {o: round(s["classes"][o]["dice"], 4) for o in ORGANS},
+                               "fp_outside": {o: s["classes"][o]["fp_outside"] for o in ORGANS},
+                               "seconds": round(time.perf_counter() - t, 1)}
+                print(split, head, key, json.dumps(scores[key]), flush=True)
+
             for refinement in REFINEMENTS:
                 t = time.perf_counter()
+                # Gap filling runs after the clean-up inside segment_image: off here, scored on its own below.
                 raw, confidence = segment_image(image, loaded, device="cpu", refinement=refinement, cleanup="none",
-                                                return_confidence=True)
+                                                fill_gaps=False, return_confidence=True)
                 for cleanup in CLEANUPS:
-                    pred = clean_label_image(raw, confidence, [c.value for c in classes], cleanup)
-                    s = score(pred, reference, classes)
-                    scores[f"{refinement}/{cleanup}"] = {
-                        "mean_dice": round(float(np.mean([s["classes"][o]["dice"] for o in ORGANS])), 4),
-                        "dice": {o: round(s["classes"][o]["dice"], 4) for o in ORGANS},
-                        "fp_outside": {o: s["classes"][o]["fp_outside"] for o in ORGANS},
-                        "seconds": round(time.perf_counter() - t, 1)}
-                    print(split, head, refinement, cleanup, json.dumps(scores[f"{refinement}/{cleanup}"]), flush=True)
+                    record(f"{refinement}/{cleanup}", clean_label_image(raw, confidence, [c.value for c in classes],
+                                                                        cleanup), t)
+            t = time.perf_counter()
+            record("box/extent+fill", segment_image(image, loaded, device="cpu", refinement="box", cleanup="extent",
+                                                    fill_gaps=True), t)
             results["runs"].append({"split": split, "head": head, "extra": args.extra, "train_seconds": round(seconds, 1),
                                     "card": loaded.card.postprocessing.__dict__, "scores": scores,
                                     "load_average": os.getloadavg()})

@@ -50,7 +50,7 @@ def cmd_segment(args) -> int:
     model = load_model(args.model, device=device, base_checkpoint=args.base_checkpoint)
     labels = segment_image(image, model, device=device, batch_size=args.batch_size,
                            largest_component=args.largest_component, precision=args.precision,
-                           refinement=args.refine, cleanup=args.cleanup,
+                           refinement=args.refine, cleanup=args.cleanup, fill_gaps=args.fill_gaps,
                            progress=None if args.quiet else segment_progress())
     write_image(labels, args.output)
     if args.seg_nrrd:
@@ -122,7 +122,8 @@ def cmd_segment_cohort(args) -> int:
 
     def segment(image, loaded):
         return segment_image(image, loaded, device=device, batch_size=args.batch_size,
-                             largest_component=args.largest_component, precision=args.precision)
+                             largest_component=args.largest_component, precision=args.precision,
+                             refinement=args.refine, cleanup=args.cleanup, fill_gaps=args.fill_gaps)
 
     result = run_cohort(cases, model, segment, output_dir=args.output_dir, overwrite=args.overwrite,
                         statistics=bool(args.statistics), rank=rank, world=world, progress=not args.quiet)
@@ -296,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--refine", choices=REFINEMENTS,
                      help="self-prompted refinement by the base model's decoder (default: the model card's)")
     seg.add_argument("--cleanup", choices=CLEANUPS, help="3D clean-up of each class (default: the model card's)")
+    seg.add_argument("--fill-gaps", action=argparse.BooleanOptionalAction, default=None,
+                     help="prompt the slices a refined organ was missed on between slices it was found on "
+                          "(default: the model card's)")
     seg.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     seg.add_argument("--base-checkpoint", help="official SAM checkpoint, for models fine-tuned from sam_vit_*")
     seg.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

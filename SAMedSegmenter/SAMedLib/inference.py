@@ -17,9 +17,11 @@ import SimpleITK as sitk
 import torch
 
 from .acceleration import autocast, precision_name, prepare_encoder
+from .annotation import Annotator
 from .checkpoint import LoadedModel
 from .cleanup import USES_CONFIDENCE, clean_labels
 from .errors import SAMedError
+from .gap_fill import fill_gaps as fill_gap_slices
 from .model_card import Postprocessing
 from .prompting import PromptDecoder, mask_pixel_mm
 from .refinement import refine_logits
@@ -72,7 +74,7 @@ def body_slice_indices(volume: np.ndarray, prep, value_range: tuple[float, float
 
 def segment_image(image: sitk.Image, model: LoadedModel, *, device: str = "auto", batch_size: int | None = None,
                   largest_component: bool = False, precision: str = "auto", refinement: str | None = None,
-                  cleanup: str | None = None, progress: ProgressCallback | None = None,
+                  cleanup: str | None = None, fill_gaps: bool | None = None, progress: ProgressCallback | None = None,
                   should_cancel: Callable[[], bool] | None = None,
                   return_confidence: bool = False) -> sitk.Image | tuple[sitk.Image, sitk.Image]:
     """Segment a 3D image; returns a label map on exactly the input grid with the card's label values.
@@ -87,6 +89,8 @@ def segment_image(image: sitk.Image, model: LoadedModel, *, device: str = "auto"
         refinement: ``none``, ``box`` or ``box+point`` (self-prompted refinement, SAMedLib.refinement);
             None: what the model card says.
         cleanup: 3D clean-up ``none``, ``components``, ``extent`` or ``largest`` (SAMedLib.cleanup); None: the card's.
+        fill_gaps: prompt the slices a refined class was missed on between slices it was found on
+            (SAMedLib.gap_fill); None: the card's. Nothing is filled without refinement.
         precision: ``auto`` (fp16 on CUDA, bf16 on CPUs with native bf16, else fp32) or ``fp32``.
         progress: called with (fraction done, message) after every batch.
         should_cancel: checked between batches; returning True raises ``Cancelled``.
@@ -104,6 +108,7 @@ def segment_image(image: sitk.Image, model: LoadedModel, *, device: str = "auto"
     post = Postprocessing(**{**asdict(card.postprocessing),
                              **({"refinement": refinement, "refinement_by_class": {}} if refinement is not None else {}),
                              **({"cleanup": cleanup} if cleanup is not None else {}),
+                             **({"fill_gaps": fill_gaps} if fill_gaps is not None else {}),
                              **({"cleanup": "largest"} if largest_component else {})})
     refinements = post.class_refinements([c.name for c in card.classes])
     refined = any(choice != "none" for choice in refinements)
@@ -162,12 +167,21 @@ def segment_image(image: sitk.Image, model: LoadedModel, *, device: str = "auto"
 
     labels = clean_labels(labels, confidence, [c.value for c in card.classes], canonical.GetSpacing()[::-1],
                           post.cleanup)
+    filled = {}
+    if refined and post.fill_gaps:
+        refined_values = [c.value for c, choice in zip(card.classes, refinements) if choice != "none"]
+        report(1.0, "prompting slices an organ was missed on between slices it was found on")
+        annotator = Annotator(canonical, net.image_encoder, decoder, prep, device, precision)
+        labels, filled = fill_gap_slices(labels, annotator, refined_values, should_cancel=cancelled)
+        if filled:
+            log.info("filled missed slices: %s", {c.name: filled[c.value] for c in card.classes if c.value in filled})
     result = sitk.GetImageFromArray(labels)
     result.CopyInformation(canonical)
     result = restore(result)
     result.SetMetaData("SAMed_model", str(model.path.name if model.path else "in-memory"))
     result.SetMetaData("SAMed_refinement", ",".join(f"{c.name}:{r}" for c, r in zip(card.classes, refinements)))
     result.SetMetaData("SAMed_cleanup", post.cleanup)
+    result.SetMetaData("SAMed_filled_slices", str(sum(len(slices) for slices in filled.values())))
     result.SetMetaData("SAMed_largest_component", "1" if post.cleanup == "largest" else "0")
     if not return_confidence:
         return result

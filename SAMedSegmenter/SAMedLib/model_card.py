@@ -71,6 +71,9 @@ class Postprocessing:
     # cuts each class's z-profile at deep waists (false positives 3D-connected to the organ), then does
     # "components"; "largest" keeps only the largest component, "none" keeps everything (SAMedLib.cleanup).
     cleanup: str = "none"
+    # After the clean-up, slices where the head missed a refined class between slices where it found it are
+    # prompted from the neighbouring slice's boxes (SAMedLib.gap_fill). Needs refinement (the base decoder).
+    fill_gaps: bool = True
 
     def class_refinements(self, class_names: list[str]) -> list[str]:
         """The refinement of each class, in class order."""
