@@ -18,6 +18,7 @@ from SAMedLib.prompting import OUTSIDE_LOGIT, Prompt, PromptDecoder
 from SAMedLib.volume_io import read_volume, resample_to_reference, to_canonical
 
 SPLEEN = 1
+GALLBLADDER = 4
 CROP = (74, 92)  # canonical slices of ct_3mm around the spleen's inferior end (the spleen starts at slice 82)
 
 
@@ -274,3 +275,32 @@ def test_a_missed_slice_inside_the_spleen_is_filled_and_its_end_is_not(annotator
     unchanged = np.ones(len(labels), bool)
     unchanged[middle] = False
     assert np.array_equal(filled[unchanged], labels[unchanged])
+
+
+@pytest.fixture(scope="module")
+def gallbladder_annotator(shared_data, lite):
+    """ct_3mm cut to canonical slices 76-103 (the gallbladder is on 84-95) and its gallbladder reference mask."""
+    image = read_volume(shared_data / "ct_3mm.nii.gz")
+    reference = resample_to_reference(read_volume(shared_data / "ct_3mm_labels.nii.gz", allow_constant=True), image)
+    canonical, canonical_ref = to_canonical(image)[0], to_canonical(reference)[0]
+    crop = canonical[:, :, 76:104]
+    gallbladder = sitk.GetArrayFromImage(canonical_ref[:, :, 76:104]) == GALLBLADDER
+    backbone = copy.deepcopy(lite)
+    return Annotator(crop, backbone.image_encoder, PromptDecoder(backbone.prompt_encoder, backbone.mask_decoder),
+                     Preprocessing()), gallbladder
+
+
+@pytest.mark.slow
+def test_propagation_stops_where_the_mask_moves_onto_tissue_of_another_intensity(gallbladder_annotator):
+    """The gallbladder (bile, ~5 HU) walked from its middle slice: the decoder keeps finding the liver and the
+    duodenum next to it with a high predicted IoU and a similar area, so only the intensity check stops the walk."""
+    annotator, gallbladder = gallbladder_annotator
+    present = np.flatnonzero(gallbladder.any(axis=(1, 2)))
+    box = reference_box(gallbladder, int(present[len(present) // 2]))
+    unchecked = annotator.annotate([box], settings=PropagationSettings(min_intensity_overlap=0.0))
+    checked = annotator.annotate([box])
+    walked = np.flatnonzero(checked.any(axis=(1, 2)))
+    overrun = np.flatnonzero(unchecked.any(axis=(1, 2)))
+    assert overrun.max() > present.max() + 3  # without it, the walk runs on into the liver (8 slices here)
+    assert walked.max() <= present.max() + 1 and walked.min() >= present.min() - 2
+    assert dice(checked, gallbladder) > 0.85 > dice(unchecked, gallbladder)

@@ -3,7 +3,8 @@
 The user's box, grown by a few millimetres (a box drawn inside the organ would cut it), prompts the pretrained,
 frozen decoder (``prompting.PromptDecoder``) on its slice; propagation then walks to the neighbouring slices in
 both directions, each prompted with the box of the previous slice's mask grown by a small margin, and stops
-where the mask vanishes, collapses (area ratio) or the decoder's predicted IoU drops below a threshold. Several
+where the mask vanishes, collapses (area ratio), the decoder's predicted IoU drops below a threshold or the mask
+moves onto tissue of another intensity than the previous slice's. Several
 boxes of one object on different slices are combined: each slice takes the mask propagated from its nearest box
 (the next nearest where that one's walk stopped short). An *end mark* is a slice the user says the object is
 not on: no walk enters it, so a walk that ran on past the object's end (the aorta into an iliac artery, the
@@ -62,6 +63,13 @@ class PropagationSettings:
     min_iou: float = 0.6  # the decoder's own IoU estimate: below it the mask is a guess
     min_area_ratio: float = 0.3  # a mask this much smaller than the previous slice's has collapsed
     max_area_ratio: float = 3.0  # ... this much larger has leaked into a neighbour
+    # At least this fraction of a walked slice's voxels must lie in the 5th-95th percentile intensity range of the
+    # previous slice's mask (0 turns the check off): the decoder follows the gallbladder into the liver and the
+    # duodenum with a high predicted IoU and a similar area, but bile is not liver. Against the previous slice, not
+    # the box slice: a stomach's contents change gradually along it (a box-slice range stopped ct_dicom's stomach
+    # one slice early, 1 -> 4-6 clicks). Box benchmark, 10 jitter draws: gallbladder one box 0.774 -> 0.887
+    # (median), no organ worse by 0.01 on any draw.
+    min_intensity_overlap: float = 0.5
 
 
 def box_from_ijk(restore: CanonicalRestore, corner_a, corner_b) -> SliceBox:
@@ -289,12 +297,14 @@ class Annotator:
             logits, _ = self.decode(start_slice, prompts)  # the user's boxes are kept whatever the IoU
             mask = clean_mask(logits.numpy() > 0)
             reached[start_slice] = (0, logits, mask)
+            start_values = self.volume[start_slice][self.native_mask(logits, mask)]
+            start_range = np.percentile(start_values, [5, 95]) if len(start_values) else None
             done += 1
             report(done / work, f"slice {start_slice}")
             if not propagate:
                 continue
             for step in (1, -1):
-                previous, z = mask, start_slice + step
+                previous, z, previous_range = mask, start_slice + step, start_range
                 while 0 <= z < depth and z not in box_slices and z not in ends:
                     if z in reached and reached[z][0] <= abs(z - start_slice):
                         # a nearer box's walk already covers this slice; only continue past it if it is ours
@@ -312,8 +322,13 @@ class Annotator:
                     if (area == 0 or float(iou.max()) < settings.min_iou or area < settings.min_area_ratio * previous_area
                             or area > settings.max_area_ratio * previous_area):
                         break
+                    values = self.volume[z][self.native_mask(logits, current)]
+                    if previous_range is not None and settings.min_intensity_overlap > 0:
+                        inside = np.mean((values >= previous_range[0]) & (values <= previous_range[1]))
+                        if inside < settings.min_intensity_overlap:
+                            break  # the mask has moved onto tissue of another intensity: a neighbour, not the object
                     reached[z] = (abs(z - start_slice), logits, current)
-                    previous, z = current, z + step
+                    previous, z, previous_range = current, z + step, np.percentile(values, [5, 95])
         result = np.zeros(self.volume.shape, dtype=bool)
         for z, (_, logits, kept) in reached.items():
             result[z] = self.native_mask(logits, kept)
