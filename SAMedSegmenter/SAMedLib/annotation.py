@@ -323,12 +323,14 @@ class Annotator:
                             or area > settings.max_area_ratio * previous_area):
                         break
                     values = self.volume[z][self.native_mask(logits, current)]
-                    if previous_range is not None and settings.min_intensity_overlap > 0:
+                    if len(values) and previous_range is not None and settings.min_intensity_overlap > 0:
                         inside = np.mean((values >= previous_range[0]) & (values <= previous_range[1]))
                         if inside < settings.min_intensity_overlap:
                             break  # the mask has moved onto tissue of another intensity: a neighbour, not the object
                     reached[z] = (abs(z - start_slice), logits, current)
-                    previous, z, previous_range = current, z + step, np.percentile(values, [5, 95])
+                    previous, z = current, z + step
+                    if len(values):  # a mask too small to cover a native voxel keeps the range it came with
+                        previous_range = np.percentile(values, [5, 95])
         result = np.zeros(self.volume.shape, dtype=bool)
         for z, (_, logits, kept) in reached.items():
             result[z] = self.native_mask(logits, kept)
