@@ -60,12 +60,13 @@ class CountingSegment:
     """Wraps inference.segment_image and counts the volumes it segments."""
 
     def __init__(self, monkeypatch):
-        self.calls = 0
+        self.calls, self.options = 0, []
         self.real = inference_module.segment_image
         monkeypatch.setattr(inference_module, "segment_image", self)
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
+        self.options.append(kwargs)
         return self.real(*args, **kwargs)
 
 
@@ -141,6 +142,17 @@ def test_rerun_skips_done_cases_and_overwrite_redoes_them(first_run, tiny_checkp
         assert (out / name).stat().st_ino != before[name][0]  # a new file was moved into place ...
         assert (out / name).read_bytes() == before[name][1]  # ... with the same content
     assert not (out / "failures.csv").exists()  # nothing failed this time: no stale list
+
+
+def test_cohort_run_passes_the_post_processing_options_to_every_case(first_run, tiny_checkpoint, monkeypatch,
+                                                                       tmp_path):
+    cases, _, _ = first_run
+    counter = CountingSegment(monkeypatch)
+    code = cli.main(segment_args([cases / "ct_small.nrrd", cases / "ct_series"], tiny_checkpoint, tmp_path,
+                                 "--refine", "none", "--cleanup", "components", "--no-fill-gaps"))
+    assert code == 0 and counter.calls == 2
+    for options in counter.options:
+        assert (options["refinement"], options["cleanup"], options["fill_gaps"]) == ("none", "components", False)
 
 
 def test_killed_run_leaves_no_output_that_looks_done(tmp_path, monkeypatch):
