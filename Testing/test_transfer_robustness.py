@@ -1,8 +1,6 @@
 """Self-prompted refinement, prompts from masks, 3D clean-up and the phase (class level) augmentation."""
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import SimpleITK as sitk

@@ -1,6 +1,6 @@
 """Selection runs for the transfer recipe: choices made here are then confirmed by bench/transfer_benchmark.py.
 
-Two splits, neither of which is a scored case of the transfer benchmark:
+Splits, none of which is a scored case of the transfer benchmark:
 - ``forward-seed0``: train on ct_3mm with training seed 0 (the benchmark scores seeds 1234, 7, 42), segment
   ct_dicom;
 - ``slab``: train on a 42 mm slab of ct_3mm (slices 90-103: all four organs on every slice, like the ct_dicom

@@ -285,8 +285,8 @@ class Annotator:
         cancelled = should_cancel or (lambda: False)
         scale = self.prep.input_size / self.decoder.mask_size
         margin = settings.margin_mm / self.mask_pixel_mm
-        # slice -> (distance to the box it came from, logits, cleaned mask on the mask grid)
-        reached: dict[int, tuple[int, torch.Tensor, np.ndarray]] = {}
+        # slice -> (distance to the box it came from, its mask on the native slice)
+        reached: dict[int, tuple[int, np.ndarray]] = {}
         box_slices = sorted({b.slice for b in boxes})
         work, done = len(box_slices) * (depth if propagate else 1), 0
         for start_slice in box_slices:
@@ -296,8 +296,9 @@ class Annotator:
                        if b.slice == start_slice]
             logits, _ = self.decode(start_slice, prompts)  # the user's boxes are kept whatever the IoU
             mask = clean_mask(logits.numpy() > 0)
-            reached[start_slice] = (0, logits, mask)
-            start_values = self.volume[start_slice][self.native_mask(logits, mask)]
+            native = self.native_mask(logits, mask)
+            reached[start_slice] = (0, native)
+            start_values = self.volume[start_slice][native]
             start_range = np.percentile(start_values, [5, 95]) if len(start_values) else None
             done += 1
             report(done / work, f"slice {start_slice}")
@@ -322,18 +323,19 @@ class Annotator:
                     if (area == 0 or float(iou.max()) < settings.min_iou or area < settings.min_area_ratio * previous_area
                             or area > settings.max_area_ratio * previous_area):
                         break
-                    values = self.volume[z][self.native_mask(logits, current)]
+                    native = self.native_mask(logits, current)
+                    values = self.volume[z][native]
                     if len(values) and previous_range is not None and settings.min_intensity_overlap > 0:
                         inside = np.mean((values >= previous_range[0]) & (values <= previous_range[1]))
                         if inside < settings.min_intensity_overlap:
                             break  # the mask has moved onto tissue of another intensity: a neighbour, not the object
-                    reached[z] = (abs(z - start_slice), logits, current)
+                    reached[z] = (abs(z - start_slice), native)
                     previous, z = current, z + step
                     if len(values):  # a mask too small to cover a native voxel keeps the range it came with
                         previous_range = np.percentile(values, [5, 95])
         result = np.zeros(self.volume.shape, dtype=bool)
-        for z, (_, logits, kept) in reached.items():
-            result[z] = self.native_mask(logits, kept)
+        for z, (_, native) in reached.items():
+            result[z] = native
         report(1.0, f"{len(reached)} slices")
         return result
 

@@ -63,8 +63,9 @@ def keep_plausible_components(labels: np.ndarray, confidence: np.ndarray | None,
 
     voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
     out = labels.copy()
+    boxes = ndimage.find_objects(labels)  # every label value's bounding box, one pass; None where absent
     for value in values:
-        box = _bounding_box(labels == value)
+        box = boxes[value - 1] if 0 < value <= len(boxes) else None
         if box is None:
             continue
         # Labelled and counted inside the class's bounding box only, by bincount (ndimage.sum_labels and mean over
@@ -82,17 +83,6 @@ def keep_plausible_components(labels: np.ndarray, confidence: np.ndarray | None,
         keep[best] = True
         out[box][mask & ~np.concatenate([[True], keep])[components]] = 0
     return out
-
-
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """The smallest box (one slice per axis) holding every True voxel of ``mask``; None when it has none."""
-    box = []
-    for axis in range(mask.ndim):
-        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if len(hits) == 0:
-            return None
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return tuple(box)
 
 
 def class_profiles(labels: np.ndarray, confidence: np.ndarray | None, values: list[int],
