@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import pytest
 import torch
 from torch import nn
 
-from SAMedLib.acceleration import autocast, cpu_has_native_bf16, precision_name, prepare_encoder
+from SAMedLib.acceleration import (OpenVINOModule, autocast, cpu_has_native_bf16, precision_name, prepare_encoder,
+                                   use_openvino)
 from SAMedLib.model import build_model
 
 
@@ -63,3 +65,53 @@ def test_bf16_embeddings_stay_close_to_fp32(lite, ct_slice):
     relative = ((fast - exact).norm() / exact.norm()).item()
     cosine = torch.nn.functional.cosine_similarity(fast.flatten(), exact.flatten(), dim=0).item()
     assert relative < 0.08 and cosine > 0.995, (relative, cosine)
+
+
+# --------------------------------------------------------------------------- OpenVINO (optional runtime)
+
+openvino_installed = pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
+                                        reason="OpenVINO not installed (pip install openvino; part of [test])")
+
+
+@openvino_installed
+@pytest.mark.parametrize("head", ["samed", "cnn"])
+def test_openvino_encoder_and_head_give_torch_outputs(lite, ct_slice, head):
+    image, _ = ct_slice
+    model = build_model(copy.deepcopy(lite), head, 2, "frozen").eval()
+    with torch.inference_mode():
+        embeddings = prepare_encoder(model.image_encoder)(image)
+        logits = model.head(embeddings)
+    use_openvino(model, "fp32")
+    assert isinstance(model.image_encoder, OpenVINOModule) and isinstance(model.head, OpenVINOModule)
+    assert use_openvino(model, "fp32") is model  # converting again is a no-op
+    with torch.inference_mode():
+        fast_embeddings = model.image_encoder(torch.cat([image, image]))  # a batch goes through image by image
+        fast_logits = model(image)
+    assert fast_embeddings.shape == (2,) + embeddings.shape[1:]
+    assert (fast_embeddings - embeddings.repeat(2, 1, 1, 1)).abs().max() < 1e-4 * embeddings.abs().max()
+    assert (fast_logits - logits).abs().max() < 1e-3 * logits.abs().max()
+
+
+@openvino_installed
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16: auto runs fp32")
+def test_openvino_bf16_embeddings_stay_close_to_fp32(lite, ct_slice):
+    image, _ = ct_slice
+    model = build_model(copy.deepcopy(lite), "linear", 2, "frozen").eval()
+    with torch.inference_mode():
+        exact = prepare_encoder(model.image_encoder)(image)
+        fast = use_openvino(model).image_encoder(image)
+    assert model.image_encoder.precision == "bf16"
+    relative = ((fast - exact).norm() / exact.norm()).item()
+    cosine = torch.nn.functional.cosine_similarity(fast.flatten(), exact.flatten(), dim=0).item()
+    assert relative < 0.08 and cosine > 0.995, (relative, cosine)
+
+
+def test_openvino_missing_is_a_clear_error(lite, monkeypatch):
+    import sys
+
+    from SAMedLib.errors import SAMedError
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
+    model = build_model(copy.deepcopy(lite), "linear", 2, "frozen")
+    with pytest.raises(SAMedError, match="pip install openvino"):
+        use_openvino(model)

@@ -9,6 +9,7 @@ Plumbing-only tests use the transparent threshold network of ``test_preprocessin
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import signal
@@ -249,7 +250,9 @@ def test_argument_errors_exit_2(tmp_path, capsys):
             (["segment", str(scan), "--model", "m", "--output-dir", str(tmp_path), "--statistics", "s.txt"],
              ".csv or .json"),
             (["segment", str(tmp_path / "none"), "--model", "m", "--output-dir", str(tmp_path / "o")],
-             "no such file")):
+             "no such file"),
+            (["segment", str(scan), "--model", "m", "--output-dir", str(tmp_path / "o"), "--openvino", "--compile"],
+             "either --openvino or --compile")):
         assert cli.main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("samed: error: ") and words in err[0], (args, err)
@@ -382,7 +385,32 @@ def test_torchrun_two_cpu_processes_write_the_same_bytes(first_run, tiny_checkpo
         assert (out / name).read_bytes() == FIRST_RUN_FILES[name], name
 
 
-# --------------------------------------------------------------------------- torch.compile fallback
+# --------------------------------------------------------------------------- encoder runtimes
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="OpenVINO not installed (part of [test])")
+def test_openvino_segments_a_real_scan_like_torch(shared_data, tiny_checkpoint, tmp_path):
+    image = read_volume(shared_data / "ct_3mm.nii.gz")[:, :, 86:90]
+    scan, output = tmp_path / "slab.nii.gz", tmp_path / "labels.nii.gz"
+    sitk.WriteImage(image, str(scan))
+    expected = sitk.GetArrayFromImage(segment_image(image, load_model(tiny_checkpoint), device="cpu",
+                                                    precision="fp32"))
+    assert cli.main(["segment", str(scan), "--model", str(tiny_checkpoint), "--output", str(output),
+                     "--openvino", "--precision", "fp32", "--quiet"]) == 0
+    labels = sitk.ReadImage(str(output))
+    assert labels.GetSize() == image.GetSize() and labels.GetDirection() == image.GetDirection()
+    different = (sitk.GetArrayFromImage(labels) != expected).mean()
+    assert different < 1e-3 and len(np.unique(expected)) >= 2, different
+
+
+def test_openvino_runs_on_the_cpu_only():
+    from argparse import Namespace
+
+    from SAMedLib.errors import SAMedError
+
+    with pytest.raises(SAMedError, match="on the CPU, but the device is 'cuda:0'"):
+        cli._check_encoder_runtime(Namespace(openvino=True, compile=False), "cuda:0")
+
 
 
 def test_compiled_encoder_falls_back_to_eager_when_compiling_fails(monkeypatch, caplog):

@@ -6,9 +6,11 @@ Steps (on the 20-slice 512x512 DICOM sample, one process, the trained model):
   air_skip        the series padded with air-only slices (-1000 HU + noise): those skip the encoder;
                   the same air slices through the model show whether skipping them changes any label
   torch_compile   the prepared encoder through ``torch.compile`` (inductor), first call timed separately
+  openvino        encoder and head converted to OpenVINO (``samed segment --openvino``), conversion timed apart
 Cohort: ``samed segment FOLDER --output-dir`` in a child process over ct_3mm, ct_dicom and synthetic
-512x512x300 volumes (the DICOM slices repeated); wall time, cases/hour and the child's peak RSS, plus how long
-reading each case takes (what overlapping reading with the model work can save at most).
+512x512x300 volumes (the DICOM slices repeated), once with torch and once with ``--openvino``; wall time,
+cases/hour and the child's peak RSS, plus how long reading each case takes (what overlapping reading with the
+model work can save at most).
 
 The machine may be shared: the load average is recorded at the start and the end; compare steps only
 within one run. Writes bench/results/cohort.{json,md}.
@@ -19,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -110,7 +111,27 @@ def steps(model_path: Path, air_slices: int, compile_encoder: bool) -> dict:
 
     if compile_encoder:
         results["torch_compile"] = compile_step(loaded, image, base_array)
+    results["openvino"] = openvino_step(model_path, image, base_array)
     return results
+
+
+def openvino_step(model_path: Path, image: sitk.Image, base_array: np.ndarray) -> dict:
+    """A fresh copy of the model with its encoder and head converted by ``acceleration.use_openvino``."""
+    from SAMedLib.acceleration import use_openvino
+    from SAMedLib.checkpoint import load_model
+
+    loaded = load_model(model_path)
+    slices = image.GetSize()[2]
+    start = time.perf_counter()
+    use_openvino(loaded.model)
+    convert_seconds = time.perf_counter() - start
+    timed_segment(image[:, :, :2], loaded)  # warm-up, as for the baseline
+    labels, seconds = timed_segment(image, loaded)
+    array = sitk.GetArrayFromImage(labels)
+    return {"s_per_slice": round(seconds / slices, 3), "convert_s": round(convert_seconds, 1),
+            "precision": loaded.model.image_encoder.precision,
+            "voxels_differing_from_baseline": int((array != base_array).sum()),
+            "dice": dice_scores(labels, loaded.card.classes)}
 
 
 def compile_step(loaded, image: sitk.Image, base_array: np.ndarray) -> dict:
@@ -164,7 +185,7 @@ def synthetic_volume(path: Path, slices: int) -> Path:
     return path
 
 
-def cohort(model_path: Path, synthetic: int, slices: int, work: Path, processes: int) -> dict:
+def cohort(model_path: Path, synthetic: int, slices: int, work: Path, processes: int, runtime: str = "torch") -> dict:
     from SAMedLib.volume_io import read_volume
 
     folder = work / "cases"
@@ -185,18 +206,35 @@ def cohort(model_path: Path, synthetic: int, slices: int, work: Path, processes:
         str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", str(processes)]
     command = launcher + ["-m", "SAMedLib.cli", "segment", str(folder), "--model", str(model_path),
                           "--output-dir", str(out), "--statistics", str(out / "statistics.csv"), "--device", "cpu",
-                          "--quiet"]
+                          "--quiet"] + (["--openvino"] if runtime == "openvino" else [])
     env = {**os.environ, "PYTHONPATH": str(REPO / "SAMedSegmenter")}
     start = time.perf_counter()
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if result.returncode != 0:
-        raise SystemExit(f"cohort run failed ({result.returncode}): {result.stderr[-2000:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {"processes": processes, "cases": [c.name for c in cases], "slices": total_slices, "wall_s": round(wall, 1),
+    with tempfile.TemporaryFile("w+") as stderr:
+        child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        peak = peak_rss_mb(child)
+        wall = time.perf_counter() - start
+        if child.returncode != 0:
+            stderr.seek(0)
+            raise SystemExit(f"cohort run failed ({child.returncode}): {stderr.read()[-2000:]}")
+    return {"runtime": runtime, "processes": processes, "cases": [c.name for c in cases], "slices": total_slices, "wall_s": round(wall, 1),
             "s_per_slice": round(wall / total_slices, 3), "cases_per_hour": round(len(cases) * 3600 / wall, 1),
             "peak_rss_mb_per_process": round(peak), "read_s": read_seconds,
             "read_share": round(sum(read_seconds.values()) / wall, 3)}
+
+
+def peak_rss_mb(child: subprocess.Popen) -> float:
+    """Wait for ``child``; the largest resident set of any one process in its tree, sampled every 0.2 s."""
+    import psutil
+
+    root, peak = psutil.Process(child.pid), 0
+    while child.poll() is None:
+        try:
+            processes = [root] + root.children(recursive=True)
+            peak = max([peak] + [p.memory_info().rss for p in processes])
+        except psutil.Error:  # a process ended between listing and reading
+            pass
+        time.sleep(0.2)
+    return peak / 2**20
 
 
 def write_markdown(report: dict, path: Path) -> None:
@@ -232,6 +270,11 @@ def write_markdown(report: dict, path: Path) -> None:
                      f"first 2 slices {tc['compile_and_first_2_slices_s']} s; Dice {tc['dice']} |")
     elif tc:
         lines.append(f"| torch.compile (inductor) | - | - | - | {tc['error']} |")
+    ov = s.get("openvino")
+    if ov:
+        lines.append(f"| OpenVINO encoder + head (`--openvino`, {ov['precision']}) | {ov['s_per_slice']} | "
+                     f"{base / ov['s_per_slice']:.2f}x | {ov['voxels_differing_from_baseline']} voxels differ | "
+                     f"converting once per process {ov['convert_s']} s; Dice {ov['dice']} |")
     probe = report.get("torch_compile_encoder_probe")
     if probe:
         lines.append(f"| torch.compile, encoder alone (fp32, `bench/encoder_compile_probe.py`, separate run, load "
@@ -246,7 +289,13 @@ def write_markdown(report: dict, path: Path) -> None:
               f"**{c['cases_per_hour']} cases/hour**, peak RSS {c['peak_rss_mb_per_process']} MB (largest process). "
               "Reading the cases takes "
               f"{c['read_s']} s ({100 * c['read_share']:.1f}% of the wall time): that is all that overlapping "
-              "reading with the model work (done, a one-case read-ahead thread) can save.", "",
+              "reading with the model work (done, a one-case read-ahead thread) can save."]
+    ov = report.get("cohort_openvino")
+    if ov:
+        lines += ["", f"The same cohort with `--openvino`: {ov['wall_s']} s wall, {ov['s_per_slice']} s/slice, "
+                  f"**{ov['cases_per_hour']} cases/hour** ({c['wall_s'] / ov['wall_s']:.2f}x), peak RSS "
+                  f"{ov['peak_rss_mb_per_process']} MB (largest process)."]
+    lines += ["",
               "GPU: none on this machine; not measured."]
     if report.get("reading"):
         lines += ["", "Reading (written after the runs): " + report["reading"]]
@@ -287,8 +336,10 @@ def main() -> None:
     else:
         report["steps"] = steps(model_path, args.air_slices, not args.no_compile)
     print(json.dumps(report["steps"], indent=1), flush=True)
-    with tempfile.TemporaryDirectory() as work:
-        report["cohort"] = cohort(model_path, args.synthetic, args.synthetic_slices, Path(work), args.processes)
+    for key, runtime in (("cohort", "torch"), ("cohort_openvino", "openvino")):
+                with tempfile.TemporaryDirectory() as work:
+            report[key] = cohort(model_path, args.synthetic, args.synthetic_slices, Path(work), args.processes,
+                                 runtime)
     report["load_end"] = [round(v, 2) for v in os.getloadavg()]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "cohort.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
