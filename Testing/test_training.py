@@ -36,6 +36,7 @@ from SAMedLib.backbones import build_backbone
 from SAMedLib.checkpoint import LoadedModel, load_model, read_model_card
 from SAMedLib.classes import parse_class_list
 from SAMedLib.embedding_cache import EmbeddingCache
+from SAMedLib.errors import CheckpointError
 from SAMedLib.inference import segment_image
 from SAMedLib.losses import segmentation_loss, soft_dice_loss
 from SAMedLib.metrics import dice
@@ -616,6 +617,37 @@ def test_lora_mode_trains_on_cpu(shared_data, tmp_path, fast_trainer_base):
     card = read_model_card(out)
     assert card.mode == "lora" and card.lora_rank == 4 and card.lora_alpha == 4.0
     assert load_model(out).card.mode == "lora"
+
+
+def test_lora_starts_from_a_frozen_models_head(shared_data, tmp_path, fast_trainer_base):
+    """--init-from: LoRA mode begins exactly at a frozen-mode model (its head; LoRA's B matrices are zero)."""
+    common = dict(images=[str(shared_data / "ct_3mm.nii.gz")], labels=[str(shared_data / "ct_3mm_labels.nii.gz")],
+                  classes=parse_class_list("5:liver"), head="linear", batch_size=2, max_labeled_slices=2,
+                  background_fraction=0, validate_every=100, device="cpu", augmentation=NO_AUGMENTATION)
+    frozen = tmp_path / "frozen.safetensors"
+    train(TrainConfig(**common, output=str(frozen), mode="frozen", iterations=8, learning_rate=5e-3,
+                      views_per_slice=1), stop_flag=StopAfter(10**6))
+    source = load_file(str(frozen))
+    lora = tmp_path / "lora.safetensors"
+    train(TrainConfig(**common, output=str(lora), mode="lora", iterations=1, learning_rate=1e-9,
+                      init_from=str(frozen)), stop_flag=StopAfter(10**6))
+    stored = load_file(str(lora))
+    heads = [k for k in source if k.startswith("head.")]
+    assert heads and all(torch.allclose(stored[k], source[k], atol=1e-6) for k in heads)
+    assert max(v.abs().max().item() for k, v in stored.items() if k.endswith("lora_B")) < 1e-6
+    assert read_model_card(lora).training["init_from"] == "frozen.safetensors"
+    cold = tmp_path / "cold.safetensors"  # the same run without --init-from starts from a fresh head
+    train(TrainConfig(**common, output=str(cold), mode="lora", iterations=1, learning_rate=1e-9, seed=7),
+          stop_flag=StopAfter(10**6))
+    assert not all(torch.allclose(load_file(str(cold))[k], source[k], atol=1e-3) for k in heads)
+
+    with pytest.raises(CheckpointError, match="differs from this training run in classes"):
+        train(TrainConfig(**{**common, "classes": parse_class_list("1:spleen")}, output=str(tmp_path / "x.safetensors"),
+                          mode="lora", iterations=1, init_from=str(frozen)), stop_flag=StopAfter(10**6))
+    with pytest.raises(CheckpointError, match="a LoRA model's head belongs to its adapted encoder"):
+        train(TrainConfig(**common, output=str(tmp_path / "y.safetensors"), mode="frozen", iterations=1,
+                          init_from=str(lora)), stop_flag=StopAfter(10**6))
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()
 
 
 # --------------------------------------------------------------------------- torchrun

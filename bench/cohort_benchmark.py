@@ -241,9 +241,9 @@ def write_markdown(report: dict, path: Path) -> None:
     s = report["steps"]
     base = s["baseline"]["s_per_slice"]
     lines = ["# Cohort throughput (CPU)", "",
-             f"Machine: {report['machine']}. **Shared** with other engineers' jobs: load average "
-             f"{report['load_start']} at the start, {report['load_end']} at the end (2 cores), so absolute times "
-             "are inflated; ratios are from this one run. Model: " + report["model"] + ".", "",
+             f"Machine: {report['machine']}. Load average {report['load_start']} at the start, "
+             f"{report['load_end']} at the end (2 cores; the benchmark's own processes count). Absolute times move "
+             "~20 % between days on this VM: compare rows within one run. Model: " + report["model"] + ".", "",
              *([f"Steps measured in an earlier run of this script (started {s['_run']['started_utc']} UTC, load "
                 f"{s['_run']['load_start']} at its start, {s['_run']['load_after']} after), ratios within that run.", ""]
                if "_run" in s else []),
@@ -282,19 +282,20 @@ def write_markdown(report: dict, path: Path) -> None:
                      f"image | {probe['eager_s'] / probe['compiled_s']:.2f}x | max difference "
                      f"{probe['max_abs_difference']:.1e} | compile + first call {probe['compile_s']} s; eager again "
                      f"{probe['eager_again_s']} s |")
-    c = report["cohort"]
-    how = "one process" if c["processes"] == 1 else f"torchrun, {c['processes']} CPU processes"
-    lines += ["", f"Cohort ({', '.join(c['cases'])}; {c['slices']} slices) through `samed segment --output-dir "
-              f"--statistics`, {how}: {c['wall_s']} s wall, {c['s_per_slice']} s/slice, "
-              f"**{c['cases_per_hour']} cases/hour**, peak RSS {c['peak_rss_mb_per_process']} MB (largest process). "
-              "Reading the cases takes "
-              f"{c['read_s']} s ({100 * c['read_share']:.1f}% of the wall time): that is all that overlapping "
-              "reading with the model work (done, a one-case read-ahead thread) can save."]
-    ov = report.get("cohort_openvino")
-    if ov:
-        lines += ["", f"The same cohort with `--openvino`: {ov['wall_s']} s wall, {ov['s_per_slice']} s/slice, "
-                  f"**{ov['cases_per_hour']} cases/hour** ({c['wall_s'] / ov['wall_s']:.2f}x), peak RSS "
-                  f"{ov['peak_rss_mb_per_process']} MB (largest process)."]
+    cohorts = report["cohorts"]
+    first = cohorts[0]
+    lines += ["", f"Cohort ({', '.join(first['cases'])}; {first['slices']} slices) through `samed segment "
+              "--output-dir --statistics`, each run in a fresh child process, one after another:", "",
+              "| runtime | processes | wall s | s/slice | cases/hour | vs first row | peak RSS (largest process) |",
+              "|---|---|---|---|---|---|---|"]
+    for c in cohorts:
+        how = "1 (all cores' threads)" if c["processes"] == 1 else f"{c['processes']} (torchrun, threads split)"
+        runtime = "torch" if c.get("runtime", "torch") == "torch" else "`--openvino`"
+        lines.append(f"| {runtime} | {how} | {c['wall_s']} | {c['s_per_slice']} | **{c['cases_per_hour']}** | "
+                     f"{first['wall_s'] / c['wall_s']:.2f}x | {c['peak_rss_mb_per_process']} MB |")
+    lines += ["", f"Reading the cases takes {first['read_s']} s ({100 * first['read_share']:.1f}% of the first run's "
+              "wall time): that is all that overlapping reading with the model work (done, a one-case read-ahead "
+              "thread) can save."]
     lines += ["",
               "GPU: none on this machine; not measured."]
     if report.get("reading"):
@@ -309,8 +310,9 @@ def main() -> None:
     parser.add_argument("--synthetic", type=int, default=1, help="synthetic 512x512xN volumes in the cohort")
     parser.add_argument("--synthetic-slices", type=int, default=300)
     parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--processes", type=int, default=2,
-                        help="cohort run: 1 = one process, N = torchrun with N CPU processes (threads split)")
+    parser.add_argument("--cohort-runs", default="torch:2,openvino:2,torch:1,openvino:1",
+                        help="cohort runs, RUNTIME:PROCESSES each (1 = one process with every core's threads, "
+                             "N = torchrun with N CPU processes, threads split)")
     parser.add_argument("--threads", type=int, default=1, help="--compile-only: threads (1: as each of 2 processes)")
     parser.add_argument("--steps-from", help="reuse the per-step results of an earlier run (JSON) and run the cohort")
     parser.add_argument("--compile-only", action="store_true",
@@ -336,10 +338,12 @@ def main() -> None:
     else:
         report["steps"] = steps(model_path, args.air_slices, not args.no_compile)
     print(json.dumps(report["steps"], indent=1), flush=True)
-    for key, runtime in (("cohort", "torch"), ("cohort_openvino", "openvino")):
-                with tempfile.TemporaryDirectory() as work:
-            report[key] = cohort(model_path, args.synthetic, args.synthetic_slices, Path(work), args.processes,
-                                 runtime)
+    report["cohorts"] = []
+    for run in args.cohort_runs.split(","):
+        runtime, processes = run.split(":")
+        with tempfile.TemporaryDirectory() as work:
+            report["cohorts"].append(cohort(model_path, args.synthetic, args.synthetic_slices, Path(work),
+                                            int(processes), runtime))
     report["load_end"] = [round(v, 2) for v in os.getloadavg()]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "cohort.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")

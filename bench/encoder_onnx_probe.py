@@ -1,11 +1,13 @@
-"""ONNX Runtime vs torch for the prepared LiteMedSAM encoder alone, one 256x256 input, timed in one process.
+"""ONNX Runtime and OpenVINO vs torch for the prepared LiteMedSAM encoder alone, one 256x256 input, in one process.
 
 Issue 13 allows an ONNX Runtime export path only if it is measured faster here (and as an optional extra,
 ``pip install samed-slicer[onnx]``). This probe exports the prepared encoder (fp32, dynamic batch axis; the
 dynamo exporter first, the TorchScript exporter where that fails) to a temporary directory, runs it with the
 CPUExecutionProvider (all graph optimisations, torch's thread count) and times, in one process:
-torch eager fp32, torch eager bf16 autocast (SAMedLib's path on CPUs with native bf16) and ORT fp32, with the
-largest output difference of each against eager fp32. Nothing is wired into inference.
+torch eager fp32, torch eager bf16 autocast (SAMedLib's path on CPUs with native bf16), ORT fp32 and, where
+installed, OpenVINO (converted from the torch module; bf16 where native, and f32), with the largest output
+difference of each against eager fp32. OpenVINO won and is wired into inference as ``samed segment --openvino``
+(``SAMedLib.acceleration.use_openvino``); ORT is not.
 
 Run: ``PYTHONPATH=SAMedSegmenter nice -n 10 python bench/encoder_onnx_probe.py [--json PATH]``
 (needs ``pip install onnxruntime onnx``; default output bench/results/encoder_onnx_probe.json).
@@ -106,6 +108,24 @@ def main() -> None:
         result["ort_batch2_max_abs_diff"] = float(abs(torch.from_numpy(pair) - reference).max())
     except Exception as exc:
         result["ort_batch2_error"] = f"{exc.__class__.__name__}: {str(exc)[:300]}"
+    try:  # OpenVINO, converted from the torch module (no ONNX file), in bf16 where the CPU has it and in f32
+        import openvino
+
+        result["openvino"] = openvino.__version__
+        with torch.no_grad():
+            converted = openvino.convert_model(encoder, example_input=images)
+        for hint in (["bf16"] if cpu_has_native_bf16() else []) + ["f32"]:
+            compiled = openvino.Core().compile_model(converted, "CPU", {
+                "INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
+            request = compiled.create_infer_request()
+            ov_s, ov_output = seconds_per_call(lambda x: request.infer({0: x})[compiled.output(0)].copy(),
+                                               images.numpy(), args.calls)
+            result[f"openvino_{hint}_s"] = round(ov_s, 4)
+            result[f"openvino_{hint}_max_abs_diff"] = float(abs(torch.from_numpy(ov_output) - reference).max())
+            result[f"openvino_{hint}_over_eager_bf16"] = round(ov_s / bf16, 3)
+            print(f"OpenVINO {hint} s/call", round(ov_s, 3), flush=True)
+    except ImportError:
+        result["openvino"] = None
     with torch.inference_mode():
         again, _ = seconds_per_call(encoder, images, args.calls)
     result["eager_fp32_again_s"] = round(again, 4)  # drift of machine load during the run
