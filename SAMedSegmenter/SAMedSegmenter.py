@@ -82,6 +82,7 @@ class SAMedSegmenterParameterNode:
     device - auto, cuda, cpu or mps.
     batchSize - slices per forward pass; 0 = automatic.
     largestComponent - keep only the largest connected component of each class.
+    openvino - on the CPU, run the encoder and head with OpenVINO (optional package; faster).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -90,6 +91,7 @@ class SAMedSegmenterParameterNode:
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
     batchSize: Annotated[int, WithinRange(0, 512)] = 0
     largestComponent: bool = False
+    openvino: bool = False
 
 
 #
@@ -326,7 +328,8 @@ class SAMedSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     outputNode = self.logic.segment(
                         parameters.inputVolume, modelPath, parameters.outputSegmentation, device=parameters.device,
                         progress=self.onProgress, batchSize=parameters.batchSize or None,
-                        largestComponent=parameters.largestComponent, baseCheckpoint=baseCheckpoint or None)
+                        largestComponent=parameters.largestComponent, baseCheckpoint=baseCheckpoint or None,
+                        openvino=parameters.openvino)
                 except SegmentationCancelled:
                     self.ui.statusLabel.text = _("Cancelled: nothing was changed.")
                     self.ui.progressBar.setValue(0)

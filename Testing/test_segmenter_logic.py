@@ -5,6 +5,7 @@ slices of the real CT; the whole DICOM series runs only in the ``slow`` test.
 """
 from __future__ import annotations
 
+import importlib.util
 import threading
 from pathlib import Path
 
@@ -101,6 +102,26 @@ def test_segment_equals_core_label_map_on_one_persistent_worker(mrml, small_ct, 
     assert [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())] == [c.name for c in card.classes]
     assert len(threads) == 2 and threads[0] is threads[1]
     assert threads[0] is segmenter_logic.shared_worker().thread
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="OpenVINO not installed (part of [test])")
+def test_openvino_option_converts_the_cached_model_once_and_keeps_the_segments(mrml, small_ct, tiny_checkpoint):
+    from SAMedLib.acceleration import OpenVINOModule
+
+    volume = _load_with_slicer(mrml, small_ct)
+    logic = SegmenterLogic()
+    messages = []
+    node = logic.segment(volume, tiny_checkpoint, device="cpu", openvino=True,
+                         progress=lambda fraction, message: messages.append(message))
+    converted = logic._model_cache[1].model.image_encoder
+    assert isinstance(converted, OpenVINOModule) and any("OpenVINO" in m for m in messages)
+    again = logic.segment(volume, tiny_checkpoint, outputSegmentation=node, device="cpu", openvino=True)
+    assert logic._model_cache[1].model.image_encoder is converted  # converted once, with the cached model
+    core = segment_image(read_volume(small_ct), load_model(tiny_checkpoint), device="cpu")  # torch
+    back = segmentation_to_labelmap(again, volume, _class_values(logic.lastModelCard))
+    labels = sitk.GetArrayFromImage(resample_to_reference(back, core))
+    assert len(np.unique(labels)) >= 2
+    assert (labels != sitk.GetArrayViewFromImage(core)).mean() < 0.01  # bf16 either way: a few voxels differ
 
 
 def test_cancel_mid_run_leaves_scene_unchanged(mrml, small_ct, tiny_checkpoint):

@@ -641,6 +641,17 @@ def test_lora_starts_from_a_frozen_models_head(shared_data, tmp_path, fast_train
           stop_flag=StopAfter(10**6))
     assert not all(torch.allclose(load_file(str(cold))[k], source[k], atol=1e-3) for k in heads)
 
+    # With validation slices the start competes: a run that only wrecks the head (learning rate 1) gives it back.
+    validation = tmp_path / "two_slices.nii.gz"
+    sitk.WriteImage(read_volume(shared_data / "ct_3mm.nii.gz")[:, :, 94:96], str(validation))
+    wrecked, events = tmp_path / "wrecked.safetensors", []
+    train(TrainConfig(**common, output=str(wrecked), mode="lora", iterations=2, learning_rate=1.0, init_from=str(frozen),
+                      validation_image=str(validation), validation_labels=str(shared_data / "ct_3mm_labels.nii.gz")),
+          progress=events.append, stop_flag=StopAfter(10**6))
+    checks = [(e["iteration"], e["best"]) for e in events if e["event"] == "validation"]
+    assert checks[0] == (0, True) and not any(best for _, best in checks[1:]), checks
+    assert all(torch.allclose(load_file(str(wrecked))[k], source[k], atol=1e-6) for k in heads)
+
     with pytest.raises(CheckpointError, match="differs from this training run in classes"):
         train(TrainConfig(**{**common, "classes": parse_class_list("1:spleen")}, output=str(tmp_path / "x.safetensors"),
                           mode="lora", iterations=1, init_from=str(frozen)), stop_flag=StopAfter(10**6))

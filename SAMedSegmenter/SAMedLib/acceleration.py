@@ -137,7 +137,7 @@ class OpenVINOModule(nn.Module):
         except ImportError as exc:
             from .errors import SAMedError
 
-            raise SAMedError("--openvino needs the OpenVINO runtime: pip install openvino") from exc
+            raise SAMedError("OpenVINO is not installed: pip install openvino (or leave the OpenVINO option off)") from exc
         self.eager = module
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tracer's notes on shapes it freezes: that is the point here

@@ -345,6 +345,8 @@ def _train(config: TrainConfig, progress, progress_json: bool, stop: _StopFlag) 
         save_tensors(tensors, card, config.output)
         report({"event": "checkpoint", "path": str(config.output), "iteration": iteration})
 
+    if config.init_from and start_iteration == 0:
+        validate(0)  # the starting model competes too: a run that only makes it worse gives it back
     network.train()
     iteration, stopped_early, loss_avg = start_iteration, False, None
     loop_start = time.perf_counter()

@@ -186,7 +186,8 @@ class SegmenterLogic:
 
     def segment(self, inputVolume, model, outputSegmentation=None, device: str = "auto",
                 progress: ProgressCallback | None = None, batchSize: int | None = None,
-                largestComponent: bool = False, baseCheckpoint: str | os.PathLike | None = None):
+                largestComponent: bool = False, baseCheckpoint: str | os.PathLike | None = None,
+                openvino: bool = False):
         """Segment ``inputVolume`` with ``model`` and return the segmentation node.
 
         Args:
@@ -199,6 +200,8 @@ class SegmenterLogic:
             batchSize: slices per forward pass (None: the core's default for the device).
             largestComponent: keep only each class's largest connected component.
             baseCheckpoint: the official SAM checkpoint, for models fine-tuned from ``sam_vit_*``.
+            openvino: on the CPU, run the encoder and head with OpenVINO (the optional ``openvino`` package;
+                converted once per loaded model, ~1.7x faster slices on a 2-core CPU). Ignored on a GPU.
 
         Raises:
             SegmentationCancelled: ``cancel()`` was called; the scene is unchanged.
@@ -239,7 +242,7 @@ class SegmenterLogic:
             report = progress or (lambda fraction, message: None)
             report(0.0, "Loading model…")
             future = self.worker.submit(self._inference_job, image, model, device, batchSize, largestComponent,
-                                        baseCheckpoint)
+                                        baseCheckpoint, openvino)
             try:
                 card, labels, self.lastDevice = self._wait(future, report)
             except SegmentationCancelled:
@@ -265,7 +268,7 @@ class SegmenterLogic:
         with self._progress_lock:
             self._progress_state = (0.05 + 0.9 * float(fraction), message)
 
-    def _inference_job(self, image, model, device, batch_size, largest_component, base_checkpoint):
+    def _inference_job(self, image, model, device, batch_size, largest_component, base_checkpoint, openvino=False):
         try:
             from SAMedLib import checkpoint, inference
         except ImportError as exc:
@@ -274,6 +277,11 @@ class SegmenterLogic:
             raise SegmentationCancelled("segmentation cancelled")
         resolved = inference.resolve_device(device)
         loaded = model if hasattr(model, "card") else self._load(checkpoint, model, resolved, base_checkpoint)
+        if openvino and resolved == "cpu":
+            from SAMedLib.acceleration import use_openvino
+
+            self._set_progress(0.0, "Converting the model for OpenVINO (once per model)…")
+            use_openvino(loaded.model)  # in place, so the cached model keeps its converted encoder and head
         try:
             labels = inference.segment_image(image, loaded, device=resolved, batch_size=batch_size,
                                              largest_component=largest_component, progress=self._set_progress,
