@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -115,3 +119,29 @@ def test_openvino_missing_is_a_clear_error(lite, monkeypatch):
     model = build_model(copy.deepcopy(lite), "linear", 2, "frozen")
     with pytest.raises(SAMedError, match="pip install openvino"):
         use_openvino(model)
+
+
+@openvino_installed
+def test_signals_still_reach_python_after_an_openvino_model_is_freed(tmp_path):
+    """With a Core per model, freeing the last one unloaded OpenVINO's CPU plugin and the next Ctrl-C/SIGTERM killed
+    the process with a segmentation fault (exit 139; a stop would never be handled). Run apart: it would kill pytest."""
+    script = tmp_path / "freed.py"
+    script.write_text(textwrap.dedent("""
+        import gc, os, signal, time, torch
+        from SAMedLib.acceleration import use_openvino
+        from SAMedLib.backbones import build_backbone
+        from SAMedLib.model import build_model
+        model = use_openvino(build_model(build_backbone("litemedsam"), "linear", 2, "frozen"))
+        with torch.inference_mode():
+            model(torch.zeros(1, 3, 256, 256))
+        del model
+        gc.collect()
+        handled = []
+        signal.signal(signal.SIGINT, lambda *args: handled.append(True))
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+        print("handled" if handled else "lost")
+    """))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "handled", (result.returncode, result.stderr[-500:])

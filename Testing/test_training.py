@@ -619,7 +619,7 @@ def test_lora_mode_trains_on_cpu(shared_data, tmp_path, fast_trainer_base):
     assert load_model(out).card.mode == "lora"
 
 
-def test_lora_starts_from_a_frozen_models_head(shared_data, tmp_path, fast_trainer_base):
+def test_lora_starts_from_a_frozen_models_head(shared_data, tmp_path, fast_trainer_base, monkeypatch):
     """--init-from: LoRA mode begins exactly at a frozen-mode model (its head; LoRA's B matrices are zero)."""
     common = dict(images=[str(shared_data / "ct_3mm.nii.gz")], labels=[str(shared_data / "ct_3mm_labels.nii.gz")],
                   classes=parse_class_list("5:liver"), head="linear", batch_size=2, max_labeled_slices=2,
@@ -641,16 +641,22 @@ def test_lora_starts_from_a_frozen_models_head(shared_data, tmp_path, fast_train
           stop_flag=StopAfter(10**6))
     assert not all(torch.allclose(load_file(str(cold))[k], source[k], atol=1e-3) for k in heads)
 
-    # With validation slices the start competes: a run that only wrecks the head (learning rate 1) gives it back.
+    # With validation slices the start competes: a run whose validation only falls gives the start back.
     validation = tmp_path / "two_slices.nii.gz"
     sitk.WriteImage(read_volume(shared_data / "ct_3mm.nii.gz")[:, :, 94:96], str(validation))
-    wrecked, events = tmp_path / "wrecked.safetensors", []
-    train(TrainConfig(**common, output=str(wrecked), mode="lora", iterations=2, learning_rate=1.0, init_from=str(frozen),
-                      validation_image=str(validation), validation_labels=str(shared_data / "ct_3mm_labels.nii.gz")),
+    calls, real_dice = [], trainer_module._dice_per_class
+    monkeypatch.setattr(trainer_module, "_dice_per_class",  # the start validates at 0.8, every later state at 0.3
+                        lambda logits, targets, n: calls.append(1) or np.full(n, 0.8 if len(calls) == 1 else 0.3))
+    worse, events = tmp_path / "worse.safetensors", []
+    train(TrainConfig(**{**common, "validate_every": 1}, output=str(worse), mode="lora", iterations=2,
+                      learning_rate=5e-3, init_from=str(frozen), validation_image=str(validation),
+                      validation_labels=str(shared_data / "ct_3mm_labels.nii.gz")),
           progress=events.append, stop_flag=StopAfter(10**6))
     checks = [(e["iteration"], e["best"]) for e in events if e["event"] == "validation"]
-    assert checks[0] == (0, True) and not any(best for _, best in checks[1:]), checks
-    assert all(torch.allclose(load_file(str(wrecked))[k], source[k], atol=1e-6) for k in heads)
+    assert checks == [(0, True), (1, False), (2, False)], checks
+    assert all(torch.allclose(load_file(str(worse))[k], source[k], atol=1e-6) for k in heads)
+    assert read_model_card(worse).training["validation_mean_dice"] == 0.8
+    monkeypatch.setattr(trainer_module, "_dice_per_class", real_dice)
 
     with pytest.raises(CheckpointError, match="differs from this training run in classes"):
         train(TrainConfig(**{**common, "classes": parse_class_list("1:spleen")}, output=str(tmp_path / "x.safetensors"),

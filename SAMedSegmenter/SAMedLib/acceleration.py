@@ -144,7 +144,7 @@ class OpenVINOModule(nn.Module):
             converted = openvino.convert_model(module, example_input=example)
         # bf16 only where the CPU computes it natively, as for torch (precision_name); f32 elsewhere.
         self.precision = "bf16" if precision_name("cpu", precision) == "bf16" else "f32"
-        compiled = openvino.Core().compile_model(converted, "CPU", {
+        compiled = _openvino_core().compile_model(converted, "CPU", {
             "INFERENCE_PRECISION_HINT": self.precision, "INFERENCE_NUM_THREADS": torch.get_num_threads(),
             "PERFORMANCE_HINT": "LATENCY"})
         self._request = compiled.create_infer_request()
@@ -158,6 +158,23 @@ class OpenVINOModule(nn.Module):
             result = self._request.infer({0: item[None].contiguous().numpy()})[self._output]
             outputs.append(torch.from_numpy(result.copy()))
         return torch.cat(outputs)
+
+
+_OPENVINO_CORE = []
+
+
+def _openvino_core():
+    """One OpenVINO Core for the whole process, never released.
+
+    With a Core per model, the CPU plugin is unloaded once the last model is freed, and from then on any signal
+    that reaches a Python handler (Ctrl-C, SIGTERM) kills the process with a segmentation fault (OpenVINO
+    2026.4 on Linux, reproduced).
+    """
+    if not _OPENVINO_CORE:
+        import openvino
+
+        _OPENVINO_CORE.append(openvino.Core())
+    return _OPENVINO_CORE[0]
 
 
 def use_openvino(model: nn.Module, precision: str = "auto") -> nn.Module:
