@@ -122,6 +122,8 @@ def test_openvino_option_converts_the_cached_model_once_and_keeps_the_segments(m
     labels = sitk.GetArrayFromImage(resample_to_reference(back, core))
     assert len(np.unique(labels)) >= 2
     assert (labels != sitk.GetArrayViewFromImage(core)).mean() < 0.01  # bf16 either way: a few voxels differ
+    logic.segment(volume, tiny_checkpoint, outputSegmentation=node, device="cpu")  # option off: torch again
+    assert not isinstance(logic._model_cache[1].model.image_encoder, OpenVINOModule)
 
 
 def test_cancel_mid_run_leaves_scene_unchanged(mrml, small_ct, tiny_checkpoint):

@@ -11,6 +11,7 @@ openvino``), for inference only.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from contextlib import nullcontext
@@ -160,9 +161,7 @@ class OpenVINOModule(nn.Module):
         return torch.cat(outputs)
 
 
-_OPENVINO_CORE = []
-
-
+@functools.cache
 def _openvino_core():
     """One OpenVINO Core for the whole process, never released.
 
@@ -170,18 +169,17 @@ def _openvino_core():
     that reaches a Python handler (Ctrl-C, SIGTERM) kills the process with a segmentation fault (OpenVINO
     2026.4 on Linux, reproduced).
     """
-    if not _OPENVINO_CORE:
-        import openvino
+    import openvino
 
-        _OPENVINO_CORE.append(openvino.Core())
-    return _OPENVINO_CORE[0]
+    return openvino.Core()
 
 
 def use_openvino(model: nn.Module, precision: str = "auto") -> nn.Module:
     """Convert a frozen ``SAMedModel``'s encoder and head to OpenVINO, in place (a few seconds per model).
 
-    Measured on the benchmark CPU (``bench/results/cohort.md``): encoder 2.4x and head 1.7x faster than torch's
-    bf16 path, same embeddings to bf16 rounding. Inference only: the converted parts cannot be trained.
+    Measured on the benchmark CPU: the encoder 2.8x faster than torch's bf16 path and 2.0x than its fp32 path
+    (``bench/results/encoder_onnx_probe.json``), whole slices with refinement 1.7x (``bench/results/cohort.md``),
+    the same embeddings to bf16 rounding. Inference only: the converted parts cannot be trained.
     """
     if isinstance(model.image_encoder, OpenVINOModule):
         return model

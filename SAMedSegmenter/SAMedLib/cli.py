@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "runs uncompiled where compiling fails")
     seg.add_argument("--openvino", action="store_true",
                      help="run the encoder and head through OpenVINO on the CPU (pip install openvino): ~1.7x faster "
-                          "slices on the benchmark CPU, ~6 s to convert once per process")
+                          "slices on the benchmark CPU, ~10 s to convert once per process")
     seg.add_argument("--statistics", metavar="FILE", help="per case and class: voxels, volume (mL), mean/std "
                                                           "intensity, model (.csv or .json)")
     seg.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")

@@ -486,9 +486,10 @@ def _save_resume(path: Path, model: SAMedModel, optimizer, iteration: int, best_
 def _start_from(model: SAMedModel, card: ModelCard, path: str) -> None:
     """Copy a trained model's head into ``model`` (and its LoRA weights when both are LoRA models).
 
-    What makes LoRA mode usable on a CPU: the head is trained in minutes on cached embeddings (frozen mode), and
-    LoRA, whose B matrices start at zero, then adapts the encoder from that model instead of from an untrained
-    head that sits at Dice 0 for its first 50-100 iterations. The source must describe the same task.
+    For LoRA mode on a CPU: the head is trained in minutes on cached embeddings (frozen mode), and LoRA, whose B
+    matrices start at zero, then begins exactly at that model instead of at an untrained head that sits at Dice 0
+    for its first 50-100 iterations (the 30 iterations a CPU affords never left it). The source must describe the
+    same task.
     """
     from dataclasses import replace
 

@@ -276,12 +276,11 @@ class SegmenterLogic:
         if self._cancel.is_set():
             raise SegmentationCancelled("segmentation cancelled")
         resolved = inference.resolve_device(device)
-        loaded = model if hasattr(model, "card") else self._load(checkpoint, model, resolved, base_checkpoint)
-        if openvino and resolved == "cpu":
-            from SAMedLib.acceleration import use_openvino
-
-            self._set_progress(0.0, "Converting the model for OpenVINO (once per model)…")
-            use_openvino(loaded.model)  # in place, so the cached model keeps its converted encoder and head
+        openvino = openvino and resolved == "cpu"
+        if hasattr(model, "card"):
+            loaded = self._openvino(model) if openvino else model
+        else:
+            loaded = self._load(checkpoint, model, resolved, base_checkpoint, openvino)
         try:
             labels = inference.segment_image(image, loaded, device=resolved, batch_size=batch_size,
                                              largest_component=largest_component, progress=self._set_progress,
@@ -290,14 +289,23 @@ class SegmenterLogic:
             raise SegmentationCancelled(str(exc)) from exc
         return loaded.card, labels, resolved
 
-    def _load(self, checkpoint, path: Path, device: str, base_checkpoint):
+    def _load(self, checkpoint, path: Path, device: str, base_checkpoint, openvino: bool = False):
         stat = path.stat()
-        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, device, str(base_checkpoint or ""))
+        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, device, str(base_checkpoint or ""), openvino)
         if self._model_cache is not None and self._model_cache[0] == key:
             return self._model_cache[1]
         self._model_cache = None  # free the previous model before loading the next one
         loaded = checkpoint.load_model(path, device=device, base_checkpoint=base_checkpoint)
+        if openvino:
+            loaded = self._openvino(loaded)
         self._model_cache = (key, loaded)
+        return loaded
+
+    def _openvino(self, loaded):
+        from SAMedLib.acceleration import use_openvino
+
+        self._set_progress(0.0, "Converting the model for OpenVINO (once per model)…")
+        use_openvino(loaded.model)  # in place: a caller's loaded model, or the cached one, stays converted
         return loaded
 
     # ------------------------------------------------------------------ main-thread waiting
