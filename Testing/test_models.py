@@ -363,7 +363,16 @@ def test_litemedsam_merged_equals_unmerged(lite, lite_embeddings, ct_slice):
     # LoRA really changed the output, and merging does not change it (tolerance in the module docstring).
     assert (unmerged[0] - lite_embeddings[0]).abs().max() > 1e-2
     torch.testing.assert_close(merged, unmerged, atol=MERGE_ATOL, rtol=MERGE_RTOL)
+    # merged, each layer is one plain matmul in the base row order (no loralib forward, no row permutation)
+    layers = lora_layers(model.image_encoder)
+    for layer in layers:
+        layer.linear.forward = None  # would raise if it were still called
+    with torch.no_grad():
+        torch.testing.assert_close(model.image_encoder(image), merged)
+    for layer in layers:
+        del layer.linear.forward
     unmerge_lora(model)
+    assert all(layer.merged_weight is None for layer in layers)
     for name, param in model.image_encoder.named_parameters():
         torch.testing.assert_close(param.detach(), original[name], atol=1e-6, rtol=0)
 

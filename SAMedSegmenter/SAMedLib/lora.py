@@ -36,8 +36,13 @@ class LoRAQKV(nn.Module):
                 self.linear.bias.copy_(base.bias[order])
         self.register_buffer("_restore_order", None if qkv_order is None else torch.argsort(qkv_order),
                              persistent=False)
+        # Set by merge_lora: the merged weights back in the base layer's row order, one plain matmul per call.
+        self.register_buffer("merged_weight", None, persistent=False)
+        self.register_buffer("merged_bias", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged_weight is not None:
+            return nn.functional.linear(x, self.merged_weight, self.merged_bias)
         out = self.linear(x)
         return out if self._restore_order is None else out.index_select(-1, self._restore_order)
 
@@ -81,18 +86,27 @@ def lora_layers(module: nn.Module) -> list[LoRAQKV]:
 
 @torch.no_grad()
 def merge_lora(module: nn.Module) -> None:
-    """Fold B·A·scaling into the frozen weights, for inference (outputs equal to float rounding)."""
+    """Fold B·A·scaling into the frozen weights, for inference (outputs equal to float rounding).
+
+    Each layer then runs as one plain linear layer in its base row order: loralib's merged forward plus the
+    TinyViT row permutation made a merged LiteMedSAM encoder 1.36x slower than the unadapted one (0.585 vs
+    0.43 s per slice, bf16, 2-core CPU).
+    """
     for layer in lora_layers(module):
         lin = layer.linear
         if not lin.merged:
             lin.weight += lin.merge_AB() * lin.scaling
             lin.merged = True
+        order = layer._restore_order
+        layer.merged_weight = (lin.weight if order is None else lin.weight[order]).detach().clone()
+        layer.merged_bias = None if lin.bias is None else (lin.bias if order is None else lin.bias[order]).detach().clone()
 
 
 @torch.no_grad()
 def unmerge_lora(module: nn.Module) -> None:
     for layer in lora_layers(module):
         lin = layer.linear
+        layer.merged_weight = layer.merged_bias = None
         if lin.merged:
             lin.weight -= lin.merge_AB() * lin.scaling
             lin.merged = False
