@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import numpy as np
 import pytest
@@ -248,6 +249,19 @@ def test_cli_annotate_writes_the_value_on_the_input_grid(tmp_path, spleen_volume
     assert samed(["annotate", str(path), "--box", box, "--value", "7", "--no-propagate", "-q", "--output",
                   str(with_model), "--device", "cpu", "--model", str(tiny_checkpoint)]) == 0
     assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(with_model))), labels)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="OpenVINO not installed (part of [test])")
+def test_cli_annotate_with_openvino_gives_torchs_spleen(tmp_path, annotator, spleen_volume):
+    crop, spleen = spleen_volume
+    box = reference_box(spleen, len(spleen) - 2)
+    path, out = tmp_path / "ct.nii.gz", tmp_path / "spleen.nrrd"
+    sitk.WriteImage(crop, str(path))  # canonical already: voxel indices are the box's pixels
+    assert samed(["annotate", str(path), "--box", f"{box.slice},{box.x0},{box.y0},{box.x1},{box.y1}", "-q",
+                  "--output", str(out), "--device", "cpu", "--openvino"]) == 0
+    fast = sitk.GetArrayFromImage(sitk.ReadImage(str(out))) == 1
+    assert dice(fast, annotator.annotate([box])) > 0.97 and dice(fast, spleen) > 0.8
 
 
 def test_gap_slices_are_only_between_found_slices():

@@ -1,6 +1,8 @@
 """Box annotation in the scene (real slicer-core nodes): RAS box -> voxels, mask -> segment with masking and undo."""
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -232,4 +234,10 @@ def test_box_logic_annotates_a_volume_node_on_the_worker_and_cancels_cleanly(mrm
     labels = sitk.GetArrayFromImage(logic.annotate(volume, [roi_to_ijk(volume, roi)], device="cpu",
                                                    ends_ijk=markup_points_to_ijk(volume, end)))
     assert np.flatnonzero(labels.any(axis=(1, 2))).min() == z - 1  # propagation stopped at the end mark
+    if importlib.util.find_spec("openvino") is not None:  # the option: a new annotator with an OpenVINO encoder
+        from SAMedLib.acceleration import OpenVINOModule
+
+        fast = logic.annotate(volume, [roi_to_ijk(volume, roi)], propagate=False, device="cpu", openvino=True)
+        assert isinstance(logic._annotator[1].encoder, OpenVINOModule) and logic._annotator[1] is not annotator
+        assert dice(sitk.GetArrayFromImage(fast)[z] > 0, labels[z] > 0) > 0.97
     worker.shutdown()

@@ -26,6 +26,7 @@ import torch
 
 from SAMedLib.acceleration import cpu_has_native_bf16, precision_name
 from SAMedLib.annotation import Annotator, SliceBox
+from SAMedLib.errors import SAMedError
 from SAMedLib.prompting import Prompt, PromptDecoder
 from SAMedLib.metrics import dice, hd95
 from SAMedLib.volume_io import read_volume, resample_to_reference, to_canonical, write_image
@@ -222,6 +223,20 @@ def measure_timing(slices: int = 6) -> dict:
     for stage, values in rows.items():
         walls, cpus = np.array(values[1:]).T if len(values) > 1 else np.array(values).T  # the first call warms up
         result[stage] = {"wall_seconds": round(float(np.median(walls)), 3), "cpu_seconds": round(float(np.median(cpus)), 3)}
+    try:  # the same slices encoded through OpenVINO (samed annotate --openvino, the box effect's option)
+        start = time.perf_counter()
+        fast = Annotator.from_model(image, device="cpu", openvino=True)
+        convert = time.perf_counter() - start
+    except SAMedError as exc:  # openvino not installed
+        result["encoder_openvino"] = {"error": str(exc)}
+        return result
+    walls = []
+    for z in range(slices):
+        wall = time.perf_counter()
+        fast.embedding(z)
+        walls.append(time.perf_counter() - wall)
+    result["encoder_openvino"] = {"wall_seconds": round(float(np.median(walls[1:])), 3),
+                                  "convert_seconds": round(convert, 1)}
     return result
 
 
@@ -297,7 +312,11 @@ def render(results: dict) -> str:
                       + (f" on the box's window of the embedding, {t['decoder_whole_embedding']['wall_seconds']} s wall / "
                          f"{t['decoder_whole_embedding']['cpu_seconds']} CPU-s on the whole embedding"
                          if "decoder_whole_embedding" in t else "")
-                      + " (a 160 x 160 voxel box). CPU-s / threads approximates the wall time on an idle machine."]
+                      + " (a 160 x 160 voxel box). CPU-s / threads approximates the wall time on an idle machine."
+                      + (f" With `--openvino` (the box effect's 'Faster CPU' option) the encoder takes "
+                         f"{t['encoder_openvino']['wall_seconds']} s wall per slice after "
+                         f"{t['encoder_openvino']['convert_seconds']} s of conversion."
+                         if "wall_seconds" in t.get("encoder_openvino", {}) else "")]
     if "payoff" in results:
         p = results["payoff"]
         lines += ["", "Payoff: `samed train` (CPU defaults) on ct_3mm with the box labels vs the reference labels "

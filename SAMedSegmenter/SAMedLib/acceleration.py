@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 __all__ = ["PRECISIONS", "autocast", "cpu_has_native_bf16", "prepare_encoder", "precision_name", "compile_encoder",
-           "use_openvino", "OpenVINOModule"]
+           "use_openvino", "openvino_encoder", "OpenVINOModule"]
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "fp32")
@@ -184,10 +184,16 @@ def use_openvino(model: nn.Module, precision: str = "auto") -> nn.Module:
     if isinstance(model.image_encoder, OpenVINOModule):
         return model
     model.to("cpu").eval()
-    encoder = prepare_encoder(model.image_encoder)
-    example = torch.zeros(1, 3, model.input_size, model.input_size)
+    model.image_encoder = openvino_encoder(model.image_encoder, model.input_size, precision)
     with torch.no_grad():
-        embedding = encoder(example)
-    model.image_encoder = OpenVINOModule(encoder, example, precision)
+        embedding = model.image_encoder(torch.zeros(1, 3, model.input_size, model.input_size))
     model.head = OpenVINOModule(model.head, torch.zeros_like(embedding), precision)
     return model
+
+
+def openvino_encoder(encoder: nn.Module, input_size: int, precision: str = "auto") -> OpenVINOModule:
+    """A frozen image encoder (prepared here) converted to OpenVINO for ``input_size`` x ``input_size`` images."""
+    if isinstance(encoder, OpenVINOModule):
+        return encoder
+    prepared = prepare_encoder(encoder.to("cpu").eval())
+    return OpenVINOModule(prepared, torch.zeros(1, 3, input_size, input_size), precision)

@@ -173,20 +173,26 @@ class Annotator:
 
     @classmethod
     def from_model(cls, image: sitk.Image, model_path=None, device: str = "cpu", precision: str = "auto",
-                   base_checkpoint=None) -> "Annotator":
+                   base_checkpoint=None, openvino: bool = False) -> "Annotator":
         """Pretrained LiteMedSAM (default), or a fine-tuned model's encoder (LoRA merged) with its card's
-        preprocessing and the base model's pristine decoder."""
+        preprocessing and the base model's pristine decoder. ``openvino``: on the CPU, the encoder runs through
+        OpenVINO (``acceleration.openvino_encoder``; a few seconds to convert, then ~2.5x faster per new slice)."""
         if model_path is None:
             from .backbones import build_backbone
 
             backbone = build_backbone("litemedsam")
-            return cls(image, backbone.image_encoder, PromptDecoder(backbone.prompt_encoder, backbone.mask_decoder),
-                       Preprocessing(), device, precision)
-        from .checkpoint import load_model
+            encoder, decoder = backbone.image_encoder, PromptDecoder(backbone.prompt_encoder, backbone.mask_decoder)
+            prep = Preprocessing()
+        else:
+            from .checkpoint import load_model
 
-        loaded = load_model(model_path, device=device, base_checkpoint=base_checkpoint)
-        return cls(image, loaded.model.image_encoder, loaded.prompt_decoder, loaded.card.preprocessing, device,
-                   precision)
+            loaded = load_model(model_path, device=device, base_checkpoint=base_checkpoint)
+            encoder, decoder, prep = loaded.model.image_encoder, loaded.prompt_decoder, loaded.card.preprocessing
+        if openvino and device == "cpu":
+            from .acceleration import openvino_encoder
+
+            encoder = openvino_encoder(encoder, prep.input_size, precision)
+        return cls(image, encoder, decoder, prep, device, precision)
 
     # ------------------------------------------------------------------ per slice
 

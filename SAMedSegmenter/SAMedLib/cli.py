@@ -33,7 +33,7 @@ def _json_safe(value):
 def _check_encoder_runtime(args, device: str) -> None:
     from .errors import SAMedError
 
-    if args.openvino and args.compile:
+    if args.openvino and getattr(args, "compile", False):
         raise SAMedError("give either --openvino or --compile, not both")
     if args.openvino and device != "cpu":
         raise SAMedError(f"--openvino runs the encoder on the CPU, but the device is '{device}' (add --device cpu)")
@@ -253,8 +253,9 @@ def cmd_annotate(args) -> int:
     boxes = [box_from_cli(restore, text) for text in args.box]  # every box checked before the model loads
     ends = [slice_from_cli(restore, text) for text in args.end or []]
     device = resolve_device(args.device)
+    _check_encoder_runtime(args, device)
     annotator = Annotator.from_model(image, args.model, device=device, precision=args.precision,
-                                     base_checkpoint=args.base_checkpoint)
+                                     base_checkpoint=args.base_checkpoint, openvino=args.openvino)
     mask = annotator.annotate(boxes, propagate=not args.no_propagate, ends=ends,
                               progress=None if args.quiet else _progress_bar("annotate"))
     write_image(annotator.to_image(mask, args.value), args.output)
@@ -410,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     ann.add_argument("--base-checkpoint", help="official SAM checkpoint, for models fine-tuned from sam_vit_*")
     ann.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
     ann.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
+    ann.add_argument("--openvino", action="store_true",
+                     help="run the encoder through OpenVINO on the CPU (pip install openvino): ~2.5x faster per "
+                          "slice after a few seconds of conversion")
     ann.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     ann.set_defaults(func=cmd_annotate)
 

@@ -112,36 +112,38 @@ class BoxAnnotationLogic(SegmenterLogic):
         self._annotator = None  # (key, Annotator); touched on the worker only
 
     def annotate(self, volume_node, boxes_ijk, propagate: bool = True, model=None, device: str = "auto",
-                 progress=None, ends_ijk=()) -> sitk.Image:
+                 progress=None, ends_ijk=(), openvino: bool = False) -> sitk.Image:
         """``boxes_ijk``: (low, high) continuous voxel corners (``roi_to_ijk``) -> label map (1 inside) on the volume grid.
 
         ``ends_ijk``: end marks, continuous voxel indices (``markup_points_to_ijk``) on slices without the object.
 
         ``model``: None for pretrained LiteMedSAM, or a fine-tuned checkpoint whose encoder to use.
+        ``openvino``: on the CPU, encode slices with OpenVINO (optional package; ignored on a GPU).
         """
         if self._running:
             raise RuntimeError("SAMed is already running; wait for it or cancel it first")
         image = volume_to_sitk(volume_node)  # main thread: the only MRML read
         key = (volume_node.GetID(), volume_node.GetImageData().GetMTime(), tuple(ijk_to_ras(volume_node).ravel()),
-               str(model or ""), device)
+               str(model or ""), device, openvino)
         self._running = True
         self._cancel.clear()
         self._progress_state = None
         try:
             future = self.worker.submit(self._annotate_job, key, image, list(boxes_ijk), propagate, model, device,
-                                        list(ends_ijk))
+                                        list(ends_ijk), openvino)
             return self._wait(future, progress)
         finally:
             self._running = False
 
-    def _annotate_job(self, key, image, boxes_ijk, propagate, model, device, ends_ijk):
+    def _annotate_job(self, key, image, boxes_ijk, propagate, model, device, ends_ijk, openvino=False):
         try:
             from SAMedLib import annotation, inference
         except ImportError as exc:
             raise _missing_dependency(exc) from exc
         if self._annotator is None or self._annotator[0] != key:
             self._annotator = None  # free the previous volume's cache first
-            self._annotator = (key, annotation.Annotator.from_model(image, model, device=inference.resolve_device(device)))
+            self._annotator = (key, annotation.Annotator.from_model(image, model, device=inference.resolve_device(device),
+                                                                    openvino=openvino))
         annotator = self._annotator[1]
         boxes = [annotation.box_from_ijk(annotator.restore, low, high) for low, high in boxes_ijk]
         ends = [annotation.slice_from_ijk(annotator.restore, point) for point in ends_ijk]

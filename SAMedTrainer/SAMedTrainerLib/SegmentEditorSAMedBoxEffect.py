@@ -62,6 +62,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.propagateCheckBox = qt.QCheckBox("Propagate through slices")
         self.propagateCheckBox.checked = True
         self.scriptedEffect.addOptionsWidget(self.propagateCheckBox)
+        self.openvinoCheckBox = qt.QCheckBox("Faster CPU (OpenVINO)")
+        self.openvinoCheckBox.setToolTip("On the CPU, encode slices with OpenVINO: about 2.5x faster per new slice "
+                                         "after a few seconds of conversion. Needs the optional 'openvino' package "
+                                         "(Python console: slicer.util.pip_install('openvino')). Ignored on a GPU.")
+        self.scriptedEffect.addOptionsWidget(self.openvinoCheckBox)
         self.applyButton = qt.QPushButton("Apply")
         self.applyButton.objectName = self.__class__.__name__ + "Apply"
         self.cancelButton = qt.QPushButton("Cancel")
@@ -148,7 +153,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             ends = [point for node in self._endMarks() for point in markup_points_to_ijk(volumeNode, node)]
             mask = self.logic.annotate(volumeNode, [roi_to_ijk(volumeNode, roi) for roi in boxes],
                                        propagate=self.propagateCheckBox.checked, progress=self._onProgress,
-                                       ends_ijk=ends)
+                                       ends_ijk=ends, openvino=self.openvinoCheckBox.checked)
             modifier = modifier_labelmap(mask, volumeNode, segmentationNode)
             self.scriptedEffect.saveStateForUndo()
             self.scriptedEffect.modifySelectedSegmentByLabelmap(modifier,
