@@ -412,7 +412,6 @@ def test_openvino_runs_on_the_cpu_only():
         cli._check_encoder_runtime(Namespace(openvino=True, compile=False), "cuda:0")
 
 
-
 def test_compiled_encoder_falls_back_to_eager_when_compiling_fails(monkeypatch, caplog):
     import logging
 
