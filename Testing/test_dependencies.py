@@ -1,6 +1,7 @@
 """Dependency helper: requirement checks, protection pins, and that nothing is installed unasked."""
 from __future__ import annotations
 
+import importlib.metadata
 import sys
 import types
 
@@ -40,6 +41,15 @@ def test_read_requirements_skips_comments(tmp_path):
 
 def test_report_in_this_environment_is_complete():
     assert dependency_report() == "All Python dependencies are installed."
+
+
+def test_report_names_a_missing_optional_package_and_how_to_get_it():
+    def without_openvino(name):
+        return None if name == "openvino" else importlib.metadata.version(name)
+
+    assert dependency_report(installed_version=without_openvino) == (
+        "All Python dependencies are installed. Optional: openvino for the 'Faster CPU (OpenVINO)' options "
+        "(Python console: slicer.util.pip_install('openvino')).")
 
 
 @pytest.mark.parametrize("testing", [True, False])

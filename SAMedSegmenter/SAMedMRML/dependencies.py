@@ -29,6 +29,7 @@ __all__ = ["REQUIREMENTS_FILE", "PROTECTED_PACKAGES", "TORCH_REQUIREMENT", "read
 REQUIREMENTS_FILE = Path(__file__).resolve().parents[1] / "Resources" / "requirements.txt"
 PROTECTED_PACKAGES = ("SimpleITK", "numpy", "vtk")
 TORCH_REQUIREMENT = ">=2.1"
+OPTIONAL_PACKAGES = {"openvino": "the 'Faster CPU (OpenVINO)' options"}
 
 
 def read_requirements(path: str | os.PathLike = REQUIREMENTS_FILE) -> list[str]:
@@ -83,17 +84,23 @@ def protection_constraints(packages: Iterable[str] = (*PROTECTED_PACKAGES, "torc
     return pins
 
 
-def missing_dependencies(requirements_file: str | os.PathLike = REQUIREMENTS_FILE) -> list[str]:
+def missing_dependencies(requirements_file: str | os.PathLike = REQUIREMENTS_FILE,
+                         installed_version: Callable[[str], str | None] = _installed_version) -> list[str]:
     """Torch and the requirements file's packages that are not installed or too old."""
-    return missing_requirements([f"torch{TORCH_REQUIREMENT}", *read_requirements(requirements_file)])
+    return missing_requirements([f"torch{TORCH_REQUIREMENT}", *read_requirements(requirements_file)], installed_version)
 
 
-def dependency_report(requirements_file: str | os.PathLike = REQUIREMENTS_FILE) -> str:
-    """One line for the GUI: what is missing, or that everything is installed."""
-    missing = missing_dependencies(requirements_file)
-    if not missing:
-        return "All Python dependencies are installed."
-    return "Missing: " + ", ".join(missing) + ". Click 'Install dependencies' to install them."
+def dependency_report(requirements_file: str | os.PathLike = REQUIREMENTS_FILE,
+                      installed_version: Callable[[str], str | None] = _installed_version) -> str:
+    """One line for the GUI: what is missing, or that everything is installed; then any optional package that is
+    not installed, with how to get it (optional packages are never installed by the button)."""
+    missing = missing_dependencies(requirements_file, installed_version)
+    report = ("All Python dependencies are installed." if not missing else
+              "Missing: " + ", ".join(missing) + ". Click 'Install dependencies' to install them.")
+    for name, use in OPTIONAL_PACKAGES.items():
+        if installed_version(name) is None:
+            report += f" Optional: {name} for {use} (Python console: slicer.util.pip_install('{name}'))."
+    return report
 
 
 def _slicer_packaging():
