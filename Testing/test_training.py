@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -36,7 +37,7 @@ from SAMedLib.backbones import build_backbone
 from SAMedLib.checkpoint import LoadedModel, load_model, read_model_card
 from SAMedLib.classes import parse_class_list
 from SAMedLib.embedding_cache import EmbeddingCache
-from SAMedLib.errors import CheckpointError
+from SAMedLib.errors import CheckpointError, SAMedError
 from SAMedLib.inference import segment_image
 from SAMedLib.losses import segmentation_loss, soft_dice_loss
 from SAMedLib.metrics import dice
@@ -665,6 +666,28 @@ def test_lora_starts_from_a_frozen_models_head(shared_data, tmp_path, fast_train
         train(TrainConfig(**common, output=str(tmp_path / "y.safetensors"), mode="frozen", iterations=1,
                           init_from=str(lora)), stop_flag=StopAfter(10**6))
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="OpenVINO not installed (part of [test])")
+def test_openvino_encodes_the_frozen_views_under_its_own_cache_key(shared_data, tmp_path, fast_trainer_base):
+    common = dict(images=[str(shared_data / "ct_3mm.nii.gz")], labels=[str(shared_data / "ct_3mm_labels.nii.gz")],
+                  classes=parse_class_list("5:liver"), head="linear", iterations=2, batch_size=2, views_per_slice=1,
+                  max_labeled_slices=2, background_fraction=0, validate_every=100, device="cpu",
+                  cache_dir=str(tmp_path / "cache"), augmentation=NO_AUGMENTATION)
+    train(TrainConfig(**common, output=str(tmp_path / "torch.safetensors"), mode="frozen"), stop_flag=StopAfter(10**6))
+    torch_files = set((tmp_path / "cache").glob("*.safetensors"))
+    fast = tmp_path / "openvino.safetensors"
+    train(TrainConfig(**common, output=str(fast), mode="frozen", openvino=True), stop_flag=StopAfter(10**6))
+    openvino_files = set((tmp_path / "cache").glob("*.safetensors")) - torch_files
+    assert len(torch_files) == len(openvino_files) == 2  # the runtimes never share a cached embedding
+    torch_embeddings = [load_file(str(f))["embedding"].float().flatten() for f in torch_files]
+    for f in openvino_files:  # each OpenVINO embedding is one of the torch ones to bf16 rounding
+        embedding = load_file(str(f))["embedding"].float().flatten()
+        assert max(F.cosine_similarity(embedding, t, dim=0).item() for t in torch_embeddings) > 0.995
+    assert read_model_card(fast).training["view_encoder"] == "openvino"
+    with pytest.raises(SAMedError, match="frozen-mode views on the CPU"):
+        train(TrainConfig(**common, output=str(tmp_path / "lora.safetensors"), mode="lora", openvino=True),
+              stop_flag=StopAfter(10**6))
 
 
 # --------------------------------------------------------------------------- torchrun

@@ -230,7 +230,7 @@ def cmd_train(args) -> int:
         max_labeled_slices=args.max_labeled_slices, validation_image=args.val_image,
         validation_labels=args.val_labels, validate_every=args.validate_every, early_stopping=args.early_stopping,
         refinement=args.refinement, cleanup=args.cleanup, device=args.device, precision=args.precision, seed=args.seed, cache_dir=args.cache_dir, resume=args.resume,
-        init_from=args.init_from, stop_file=args.stop_file,
+        init_from=args.init_from, openvino=args.openvino, stop_file=args.stop_file,
         preprocessing=prep,
         augmentation=augmentation)
     result = train(config, progress_json=args.progress_json)
@@ -390,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=1234)
     tr.add_argument("--cache-dir", help="keep frozen-encoder embeddings here for later runs")
     tr.add_argument("--resume", action="store_true", help="continue an interrupted run with the same options")
+    tr.add_argument("--openvino", action="store_true",
+                    help="frozen mode on the CPU: encode the training views through OpenVINO (pip install openvino)")
     tr.add_argument("--init-from", metavar="MODEL", help="start from a trained model of the same base, head and "
                                                         "classes (e.g. --mode lora from a frozen-mode model's head)")
     tr.add_argument("--progress-json", action="store_true", help="one JSON object per line on stdout")

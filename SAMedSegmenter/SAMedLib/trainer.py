@@ -83,6 +83,7 @@ class TrainConfig:
     refinement: str = "auto"  # auto: box unless validation clearly prefers another of REFINEMENTS; or one of them
     cleanup: str = "extent"  # 3D clean-up recorded in the card (model_card.CLEANUPS; chosen on the slab split)
     resume: bool = False
+    openvino: bool = False  # frozen mode on the CPU: encode the views through OpenVINO (acceleration.openvino_encoder)
     init_from: str | None = None  # start from this trained model's head (and LoRA, when both are LoRA models)
     stop_file: str | None = None  # stop cleanly once this file exists (no signal needed, e.g. Windows GUIs)
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
@@ -223,6 +224,8 @@ def _train(config: TrainConfig, progress, progress_json: bool, stop: _StopFlag) 
     report = _Reporter(progress_json, rank == 0, progress)
     mode = config.mode or default_mode(device)
     _check_config(config)
+    if config.openvino and (mode != "frozen" or device != "cpu"):
+        raise SAMedError(f"--openvino encodes frozen-mode views on the CPU (this run: {mode} mode on {device})")
     rng = np.random.default_rng(config.seed + rank)
     torch.manual_seed(config.seed)
 
@@ -276,7 +279,14 @@ def _train(config: TrainConfig, progress, progress_json: bool, stop: _StopFlag) 
                                                        target_size, 0.0) for vol, s in val_parts)])]) \
         if val_parts else None
 
-    cache = EmbeddingCache(f"{config.base}:{backbone.weights_sha256}:{precision}", config.cache_dir)
+    # OpenVINO's embeddings differ from torch's by bf16 rounding: a cache entry says which runtime made it.
+    runtime = ":openvino" if config.openvino else ""
+    cache = EmbeddingCache(f"{config.base}:{backbone.weights_sha256}:{precision}{runtime}", config.cache_dir)
+    view_encoder = model.image_encoder
+    if config.openvino:
+        from .acceleration import openvino_encoder
+
+        view_encoder = openvino_encoder(model.image_encoder, backbone.input_size, config.precision)
     pool = None
     if mode == "frozen":
         # Every rank builds the same plan and keeps its share of the views.
@@ -289,13 +299,13 @@ def _train(config: TrainConfig, progress, progress_json: bool, stop: _StopFlag) 
             if stop.stop:
                 break
             with autocast(device, config.precision):
-                embeddings.append(cache.encode(model.image_encoder, inputs[start:start + 4].to(device)).cpu())
+                embeddings.append(cache.encode(view_encoder, inputs[start:start + 4].to(device)).cpu())
             report({"event": "encoding", "done": min(start + 4, len(inputs)), "total": len(inputs),
                     "message": f"encoding views {min(start + 4, len(inputs))}/{len(inputs)}"})
         pool = _Views(torch.cat(embeddings) if embeddings else torch.empty(0), targets[:len(inputs)])
         if val_views is not None:
             with autocast(device, config.precision):
-                val_views = _Views(cache.encode(model.image_encoder, val_views.inputs.to(device)).cpu(),
+                val_views = _Views(cache.encode(view_encoder, val_views.inputs.to(device)).cpu(),
                                    val_views.targets)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -526,7 +536,8 @@ def _summary(config: TrainConfig, mode: str, iteration: int, best_mean: float, b
             "images": [v.name for v in volumes], "validation_mean_dice": round(best_mean, 4),
             "validation_dice": best_dice, "seconds": round(seconds, 1), "seed": config.seed,
             "augmentation": config.augmentation.to_dict(), "torch": torch.__version__, "encoder_precision": precision,
-            **({"init_from": Path(config.init_from).name} if config.init_from else {})}
+            **({"init_from": Path(config.init_from).name} if config.init_from else {}),
+            **({"view_encoder": "openvino"} if config.openvino else {})}
 
 
 def _check_config(config: TrainConfig) -> None:
