@@ -330,7 +330,10 @@ def main() -> None:
         results.setdefault("precision", {})
         image, reference = scans[CASES["forward"][2]]
         for name, options in (("torch bf16 (the default: the matrix's model)", []),
-                              ("torch fp32", ["--precision", "fp32"]), ("OpenVINO bf16", ["--openvino"])):
+                              ("torch fp32", ["--precision", "fp32"]), ("OpenVINO bf16", ["--openvino"]),
+                              # a probe of the slow start, not the recipe: the same runs with 300 iterations
+                              ("torch fp32, 300 iterations", ["--precision", "fp32", "--iterations", "300"]),
+                              ("OpenVINO bf16, 300 iterations", ["--openvino", "--iterations", "300"])):
             model, seconds = train(args.out, "forward", seeds[0], options + extra, reuse=args.reuse or not options)
             scores, infer = segment_and_score(model, image, reference, classes, "on")
             results["precision"][name] = {
