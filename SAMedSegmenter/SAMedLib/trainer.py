@@ -14,22 +14,23 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 
 from .augmentation import AugmentationConfig, ViewAugmentation, apply_class_levels, apply_intensity, sample_view
 from .backbones import build_backbone
-from .checkpoint import load_trainable_tensors, save_tensors
+from .checkpoint import load_trainable_tensors, read_model_card, save_tensors
 from .classes import SegmentClass
 from .console import TrainingDisplay
 from .acceleration import autocast, precision_name, prepare_encoder
 from .embedding_cache import EmbeddingCache
-from .errors import SAMedError
+from .errors import CheckpointError, SAMedError
 from .inference import resolve_device
 from .losses import segmentation_loss
 from .model import SAMedModel, build_model, trainable_state_dict
@@ -501,13 +502,6 @@ def _start_from(model: SAMedModel, card: ModelCard, path: str) -> None:
     for its first 50-100 iterations (the 30 iterations a CPU affords never left it). The source must describe the
     same task.
     """
-    from dataclasses import replace
-
-    from safetensors.torch import load_file
-
-    from .checkpoint import read_model_card
-    from .errors import CheckpointError
-
     source = read_model_card(path)
     differences = [what for what, same in (
         ("base model", (source.base_name, source.base_sha256) == (card.base_name, card.base_sha256)),
@@ -521,10 +515,9 @@ def _start_from(model: SAMedModel, card: ModelCard, path: str) -> None:
     if differences:
         raise CheckpointError(f"--init-from {path}: differs from this training run in "
                               f"{', '.join(differences)}")
-    tensors = load_file(path)  # safetensors: tensors only, nothing runs on load
-    start = {k: v for k, v in tensors.items() if k.startswith("head.") or card.mode == "lora"}
-    state = trainable_state_dict(model)
-    model.load_state_dict({**model.state_dict(), **{k: v for k, v in start.items() if k in state}})
+    # The source's trainable tensors: its head, plus its LoRA matrices when it is a LoRA model (then so is this run).
+    start = load_file(path)  # safetensors: tensors only, nothing runs on load
+    model.load_state_dict({**model.state_dict(), **start})
 
 
 def _summary(config: TrainConfig, mode: str, iteration: int, best_mean: float, best_dice: dict, seconds: float,
