@@ -732,3 +732,67 @@ def test_torchrun_two_cpu_processes(shared_data, tmp_path):
     loaded = load_model(out)
     assert loaded.card.training["iterations"] == 4 and [c.name for c in loaded.card.classes] == ["liver"]
     assert not Path(str(out) + ".resume.pt").exists()
+
+
+# --------------------------------------------------------------------------- head start
+
+
+def test_probe_start_finds_the_liver_before_any_fine_tuning(shared_data, lite):
+    """SAMed's head starts every class from the same token and MLP: on real CT the liver and background logits are
+    (nearly) equal. The probe fits each class's output bias on the frozen features: the liver is then found on the
+    slices, the loss falls, and nothing but the hypernetworks' output biases moved."""
+    from SAMedLib.heads import build_head
+    from SAMedLib.probe_start import probe_start
+
+    prep = Preprocessing(input_size=lite.input_size)
+    volume = trainer_module.load_training_pair(str(shared_data / "ct_3mm.nii.gz"), str(shared_data / "ct_3mm_labels.nii.gz"),
+                                               parse_class_list("5:liver"), prep)
+    slices = volume.foreground_slices[np.linspace(0, len(volume.foreground_slices) - 1, 6).astype(int)]
+    views = trainer_module._make_views(volume, slices, [[ViewAugmentation.identity()]] * len(slices), prep,
+                                       4 * lite.embedding_size, 0.0)
+    with torch.no_grad():
+        embeddings = torch.cat([lite.image_encoder(views.inputs[i:i + 2]) for i in range(0, len(slices), 2)])
+    head = build_head("samed", lite, 1, seed=0).eval()
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+
+    def liver_dice() -> float:
+        with torch.no_grad():
+            return dice(head(embeddings).argmax(1).numpy() == 1, views.targets.numpy() == 1)
+
+    start_dice = liver_dice()
+    fit = probe_start(head, embeddings, views.targets, dice_weight=0.8)
+    assert fit["loss_after"] < 0.8 * fit["loss_before"], fit
+    assert start_dice < 0.2 and liver_dice() > 0.45, (start_dice, liver_dice())  # 0.12 -> 0.58 here
+    moved = {k for k, v in head.state_dict().items() if not torch.equal(v, before[k])}
+    assert moved == {f"mask_decoder.output_hypernetworks_mlps.{k}.layers.2.bias" for k in range(2)}, moved
+    with pytest.raises(ValueError, match="no hypernetwork outputs"):
+        probe_start(build_head("cnn", lite, 1), embeddings, views.targets, dice_weight=0.8)
+
+
+def test_head_start_is_recorded_and_checked(shared_data, tmp_path, fast_trainer_base):
+    """--head-start probe fits the class outputs first (a probe_start event, validation at iteration 0, the card
+    says so); symmetric skips it; an unknown start is refused before anything is written."""
+    validation = tmp_path / "two_slices.nii.gz"
+    sitk.WriteImage(read_volume(shared_data / "ct_3mm.nii.gz")[:, :, 94:96], str(validation))
+    common = dict(images=[str(shared_data / "ct_3mm.nii.gz")], labels=[str(shared_data / "ct_3mm_labels.nii.gz")],
+                  classes=parse_class_list("5:liver"), mode="frozen", iterations=1, batch_size=2, views_per_slice=1,
+                  max_labeled_slices=2, background_fraction=0, validate_every=100, device="cpu",
+                  validation_image=str(validation), validation_labels=str(shared_data / "ct_3mm_labels.nii.gz"),
+                  refinement="box", cache_dir=str(tmp_path / "cache"), augmentation=NO_AUGMENTATION)
+    for start in ("probe", "symmetric"):
+        out, events = tmp_path / f"{start}.safetensors", []
+        train(TrainConfig(**common, output=str(out), head_start=start), progress=events.append,
+              stop_flag=StopAfter(10**6))
+        training = read_model_card(out).training
+        probes = [e for e in events if e["event"] == "probe_start"]
+        checks = [e["iteration"] for e in events if e["event"] == "validation"]
+        assert training["head_start"] == start
+        if start == "probe":
+            assert len(probes) == 1 and probes[0]["loss_after"] < probes[0]["loss_before"]
+            assert training["probe_start"]["loss_after"] == probes[0]["loss_after"] and checks == [0, 1]
+        else:
+            assert not probes and "probe_start" not in training and checks == [1]
+    with pytest.raises(SAMedError, match="unknown head start 'linear'"):
+        train(TrainConfig(**common, output=str(tmp_path / "x.safetensors"), head_start="linear"),
+              stop_flag=StopAfter(10**6))
+    assert not (tmp_path / "x.safetensors").exists()

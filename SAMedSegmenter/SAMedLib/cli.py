@@ -226,6 +226,7 @@ def cmd_train(args) -> int:
         base=args.base, base_checkpoint=args.base_checkpoint, input_size=args.input_size, mode=args.mode,
         head=args.head, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, iterations=args.iterations,
         batch_size=args.batch_size, learning_rate=args.lr, warmup_fraction=args.warmup_fraction,
+        head_start=args.head_start,
         views_per_slice=args.views_per_slice,
         max_labeled_slices=args.max_labeled_slices, validation_image=args.val_image,
         validation_labels=args.val_labels, validate_every=args.validate_every, early_stopping=args.early_stopping,
@@ -285,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .acceleration import PRECISIONS
     from .augmentation import AugmentationConfig
     from .model_card import CLEANUPS, CT_WINDOW, REFINEMENTS
-    from .trainer import TrainConfig  # the defaults live in one place
+    from .trainer import HEAD_STARTS, TrainConfig  # the defaults live in one place
 
     parser = argparse.ArgumentParser(prog="samed", description="SAMed/AutoSAM prompt-free segmentation of CT/MR volumes")
     parser.add_argument("-v", "--verbose", action="store_true", help="show warnings and debug logging")
@@ -365,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="peak learning rate (AdamW, warm-up + poly decay)")
     tr.add_argument("--warmup-fraction", type=float, default=TrainConfig.warmup_fraction,
                     help="share of the iterations the learning rate rises linearly to its peak (0 to <1)")
+    tr.add_argument("--head-start", default=TrainConfig.head_start, choices=list(HEAD_STARTS),
+                    help="probe: fit each class's output on the frozen features before fine-tuning the head (LP-FT; "
+                         "heads samed and autosam_vit); symmetric: every class starts from the pretrained mask token")
     tr.add_argument("--views-per-slice", type=int, default=TrainConfig.views_per_slice,
                     help="frozen mode: plain + augmented views, each encoded once")
     tr.add_argument("--max-labeled-slices", type=int, help="use only this many labeled slices (label-efficiency)")

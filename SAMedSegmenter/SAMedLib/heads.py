@@ -52,8 +52,16 @@ class SamedHead(nn.Module):
             for mlp in self.mask_decoder.output_hypernetworks_mlps:
                 mlp.load_state_dict(source.output_hypernetworks_mlps[0].state_dict())
 
+    @property
+    def hypernetworks(self) -> nn.ModuleList:
+        return self.mask_decoder.output_hypernetworks_mlps
+
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         """embeddings (B,256,h,w) -> logits (B,num_classes+1,4h,4w)."""
+        return class_logits(*self.class_weights_and_features(embeddings))
+
+    def class_weights_and_features(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each class's hypernetwork weights (B,K,C') and the upscaled features (B,C',4h,4w) they are dotted with."""
         decoder = self.mask_decoder
         b, c, h, w = embeddings.shape
         tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
@@ -63,7 +71,7 @@ class SamedHead(nn.Module):
         hs, src = decoder.transformer(src, pos, tokens)
         mask_tokens_out = hs[:, 1:1 + decoder.num_mask_tokens, :]
         upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
-        return _hypernetwork_masks(decoder.output_hypernetworks_mlps, mask_tokens_out, upscaled)
+        return _hypernetwork_weights(self.hypernetworks, mask_tokens_out), upscaled
 
 
 class AutoSamVitHead(nn.Module):
@@ -92,12 +100,16 @@ class AutoSamVitHead(nn.Module):
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         """embeddings (B,256,h,w) -> logits (B,num_classes+1,4h,4w)."""
+        return class_logits(*self.class_weights_and_features(embeddings))
+
+    def class_weights_and_features(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each class's hypernetwork weights (B,K,C') and the upscaled features (B,C',4h,4w) they are dotted with."""
         b, c, h, w = embeddings.shape
         tokens = self.class_tokens.unsqueeze(0).expand(b, -1, -1)
         pos = self.pe_layer((h, w)).unsqueeze(0).expand(b, -1, -1, -1)
         hs, src = self.transformer(embeddings, pos, tokens)
         upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
-        return _hypernetwork_masks(self.hypernetworks, hs, upscaled)
+        return _hypernetwork_weights(self.hypernetworks, hs), upscaled
 
 
 class CnnHead(nn.Module):
@@ -135,9 +147,13 @@ class LinearHead(nn.Module):
         return F.interpolate(self.classifier(embeddings), scale_factor=4, mode="bilinear", align_corners=False)
 
 
-def _hypernetwork_masks(mlps: nn.ModuleList, tokens: torch.Tensor, upscaled: torch.Tensor) -> torch.Tensor:
-    """Dot product of each token's hypernetwork output with the upscaled embedding (SAM's mask prediction)."""
-    weights = torch.stack([mlp(tokens[:, i, :]) for i, mlp in enumerate(mlps)], dim=1)  # (B, K, C')
+def _hypernetwork_weights(mlps: nn.ModuleList, tokens: torch.Tensor) -> torch.Tensor:
+    """Each class token through its hypernetwork MLP: (B,K,256) -> (B,K,C')."""
+    return torch.stack([mlp(tokens[:, i, :]) for i, mlp in enumerate(mlps)], dim=1)
+
+
+def class_logits(weights: torch.Tensor, upscaled: torch.Tensor) -> torch.Tensor:
+    """Dot product of each class's weights (B,K,C') with the upscaled features (B,C',H,W) (SAM's mask prediction)."""
     b, c, h, w = upscaled.shape
     return (weights @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
 

@@ -38,10 +38,14 @@ from .model_card import REFINEMENTS, ModelCard, Postprocessing, Preprocessing
 from .prompting import PromptDecoder
 from .refinement import refine_logits
 from .preprocessing import gaussian_blur, model_input, slice_to_model_theta, to_model_grid
+from .probe_start import PROBE_VIEWS, probe_start, supports_probe_start
 from .schedule import learning_rate
 from .training_data import TrainingVolume, load_training_pair, select_slices
 
-__all__ = ["TrainConfig", "TrainingResult", "train", "default_mode", "init_distributed"]
+__all__ = ["TrainConfig", "TrainingResult", "train", "default_mode", "init_distributed", "HEAD_STARTS"]
+
+
+HEAD_STARTS = ("probe", "symmetric")
 
 
 def default_mode(device: str) -> str:
@@ -86,6 +90,7 @@ class TrainConfig:
     resume: bool = False
     openvino: bool = False  # frozen mode on the CPU: encode the views through OpenVINO (acceleration.openvino_encoder)
     init_from: str | None = None  # start from this trained model's head (and LoRA, when both are LoRA models)
+    head_start: str = "symmetric"  # HEAD_STARTS: fit the class outputs on the frozen features first (probe_start) or not
     stop_file: str | None = None  # stop cleanly once this file exists (no signal needed, e.g. Windows GUIs)
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
@@ -288,6 +293,7 @@ def _train(config: TrainConfig, progress, progress_json: bool, stop: _StopFlag) 
         from .acceleration import openvino_encoder
 
         view_encoder = openvino_encoder(model.image_encoder, backbone.input_size, config.precision)
+    resume_path = Path(str(config.output) + ".resume.pt")
     pool = None
     if mode == "frozen":
         # Every rank builds the same plan and keeps its share of the views.
@@ -309,6 +315,13 @@ def _train(config: TrainConfig, progress, progress_json: bool, stop: _StopFlag) 
                 val_views = _Views(cache.encode(view_encoder, val_views.inputs.to(device)).cpu(),
                                    val_views.targets)
 
+    probe = None
+    if (config.head_start == "probe" and supports_probe_start(model.head) and not config.init_from
+            and not (config.resume and resume_path.is_file())):
+        probe = _probe_start(model, pool, train_parts, mode, prep, target_size, device, config)
+        report({"event": "probe_start", **probe, "message": (f"class outputs fitted on the frozen features: loss "
+                                                             f"{probe['loss_before']} -> {probe['loss_after']}")})
+
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=(0.9, 0.999),
                                   weight_decay=config.weight_decay)
@@ -316,7 +329,6 @@ def _train(config: TrainConfig, progress, progress_json: bool, stop: _StopFlag) 
     if distributed:
         network = torch.nn.parallel.DistributedDataParallel(network, find_unused_parameters=True)
     warmup = int(config.warmup_fraction * config.iterations)
-    resume_path = Path(str(config.output) + ".resume.pt")
     start_iteration, best_mean, best_dice, best_state, since_best = 0, -1.0, {}, None, 0
     if config.resume and resume_path.is_file():
         state = torch.load(resume_path, map_location="cpu", weights_only=True)  # tensors and numbers only
@@ -352,11 +364,11 @@ def _train(config: TrainConfig, progress, progress_json: bool, stop: _StopFlag) 
 
     def _write(tensors, iteration: int) -> None:
         card.training = _summary(config, mode, iteration, best_mean, best_dice, time.perf_counter() - started,
-                                 volumes, train_parts, precision)
+                                 volumes, train_parts, precision, probe)
         save_tensors(tensors, card, config.output)
         report({"event": "checkpoint", "path": str(config.output), "iteration": iteration})
 
-    if config.init_from and start_iteration == 0:
+    if (config.init_from or probe) and start_iteration == 0:
         validate(0)  # the starting model competes too: a run that only makes it worse gives it back
     network.train()
     iteration, stopped_early, loss_avg = start_iteration, False, None
@@ -520,8 +532,26 @@ def _start_from(model: SAMedModel, card: ModelCard, path: str) -> None:
     model.load_state_dict({**model.state_dict(), **start})
 
 
+def _probe_start(model: SAMedModel, pool: _Views | None, train_parts, mode: str, prep: Preprocessing,
+                 target_size: int, device: str, config: TrainConfig) -> dict:
+    """Fit the head's class outputs on PROBE_VIEWS training views (frozen mode: the encoded pool; LoRA mode: plain
+    views encoded now, the LoRA matrices' B being zero so the encoder is still the pretrained one)."""
+    if pool is not None:
+        pick = torch.linspace(0, len(pool.inputs) - 1, min(PROBE_VIEWS, len(pool.inputs))).long()
+        embeddings, targets = pool.inputs[pick], pool.targets[pick]
+    else:
+        views = [(volume, slices[np.linspace(0, len(slices) - 1, min(PROBE_VIEWS, len(slices))).astype(int)])
+                 for volume, slices in train_parts]
+        parts = [_make_views(v, s, [[ViewAugmentation.identity()]] * len(s), prep, target_size, 0.0) for v, s in views]
+        with torch.no_grad(), autocast(device, config.precision):
+            embeddings = torch.cat([model.image_encoder(p.inputs[i:i + 4].to(device)).float().cpu()
+                                    for p in parts for i in range(0, len(p.inputs), 4)])
+        targets = torch.cat([p.targets for p in parts])
+    return probe_start(model.head, embeddings, targets, config.dice_weight)
+
+
 def _summary(config: TrainConfig, mode: str, iteration: int, best_mean: float, best_dice: dict, seconds: float,
-             volumes: list[TrainingVolume], train_parts, precision: str) -> dict:
+             volumes: list[TrainingVolume], train_parts, precision: str, probe: dict | None) -> dict:
     return {"mode": mode, "iterations": iteration, "iterations_planned": config.iterations,
             "batch_size": config.batch_size, "learning_rate": config.learning_rate,
             "warmup_fraction": config.warmup_fraction,
@@ -529,6 +559,8 @@ def _summary(config: TrainConfig, mode: str, iteration: int, best_mean: float, b
             "images": [v.name for v in volumes], "validation_mean_dice": round(best_mean, 4),
             "validation_dice": best_dice, "seconds": round(seconds, 1), "seed": config.seed,
             "augmentation": config.augmentation.to_dict(), "torch": torch.__version__, "encoder_precision": precision,
+            "head_start": "init_from" if config.init_from else "probe" if probe else "symmetric",
+            **({"probe_start": probe} if probe else {}),
             **({"init_from": Path(config.init_from).name} if config.init_from else {}),
             **({"view_encoder": "openvino"} if config.openvino else {})}
 
@@ -541,6 +573,8 @@ def _check_config(config: TrainConfig) -> None:
         raise SAMedError("iterations, batch size and views per slice must be >= 1")
     if (config.validation_image is None) != (config.validation_labels is None):
         raise SAMedError("a validation volume needs both --val-image and --val-labels")
+    if config.head_start not in HEAD_STARTS:
+        raise SAMedError(f"unknown head start '{config.head_start}': expected one of {', '.join(HEAD_STARTS)}")
     if not 0 <= config.warmup_fraction < 1:
         raise SAMedError(f"warm-up fraction must be from 0 to below 1, got {config.warmup_fraction}")
     if not str(config.output).endswith(".safetensors"):
