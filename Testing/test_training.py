@@ -796,3 +796,20 @@ def test_head_start_is_recorded_and_checked(shared_data, tmp_path, fast_trainer_
         train(TrainConfig(**common, output=str(tmp_path / "x.safetensors"), head_start="linear"),
               stop_flag=StopAfter(10**6))
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_probe_start_in_lora_mode_encodes_plain_views(shared_data, lite):
+    """LoRA mode has no encoded pool: the probe encodes plain views of the training slices with the model's own
+    encoder (LoRA's B matrices are zero, so that is the pretrained encoder) and fits the head's output biases."""
+    prep = Preprocessing(input_size=lite.input_size)
+    volume = trainer_module.load_training_pair(str(shared_data / "ct_3mm.nii.gz"), str(shared_data / "ct_3mm_labels.nii.gz"),
+                                               parse_class_list("5:liver"), prep)
+    model = build_model(copy.deepcopy(lite), "samed", 1, "lora", 4, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = TrainConfig(images=[], labels=[], classes=parse_class_list("5:liver"), output="unused.safetensors",
+                         mode="lora", device="cpu", precision="fp32")
+    fit = trainer_module._probe_start(model, None, [(volume, volume.foreground_slices[[20, 40]])], "lora", prep,
+                                      4 * lite.embedding_size, "cpu", config)
+    assert fit["loss_after"] < fit["loss_before"]
+    moved = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert moved == {f"head.mask_decoder.output_hypernetworks_mlps.{k}.layers.2.bias" for k in range(2)}, moved

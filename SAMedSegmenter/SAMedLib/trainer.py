@@ -90,7 +90,7 @@ class TrainConfig:
     resume: bool = False
     openvino: bool = False  # frozen mode on the CPU: encode the views through OpenVINO (acceleration.openvino_encoder)
     init_from: str | None = None  # start from this trained model's head (and LoRA, when both are LoRA models)
-    head_start: str = "symmetric"  # HEAD_STARTS: fit the class outputs on the frozen features first (probe_start) or not
+    head_start: str = "probe"  # HEAD_STARTS: fit the class outputs on the frozen features first (probe_start) or not
     stop_file: str | None = None  # stop cleanly once this file exists (no signal needed, e.g. Windows GUIs)
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
@@ -426,8 +426,8 @@ def _train(config: TrainConfig, progress, progress_json: bool, stop: _StopFlag) 
     if 0 <= best_mean < UNDERTRAINED_DICE and not stop.stop:
         report({"event": "warning", "message": (
             f"best validation mean Dice {best_mean:.3f} is below {UNDERTRAINED_DICE}: this run has most likely not "
-            "converged (some seeds predict only background for their first 100 iterations); train again with "
-            "another --seed or more --iterations")})
+            "converged (with --head-start symmetric some seeds predict only background for their first 100 "
+            "iterations); train again with another --seed or more --iterations")})
     report({"event": "stopped" if stop.stop else "done", "path": str(config.output), "iteration": iteration,
             "seconds": round(seconds, 1), "best_mean_dice": round(best_mean, 4)})
     if distributed:
@@ -436,10 +436,10 @@ def _train(config: TrainConfig, progress, progress_json: bool, stop: _StopFlag) 
     return TrainingResult(Path(config.output), best_dice, best_mean, iteration, seconds, stopped_early)
 
 
-# A finished run whose best validation Dice stays below this has most likely not left the slow start (validation
-# Dice 0 for the first 50-100 iterations on some seeds). Measured at stop 17: the collapsed box-label run (seed 7)
-# validated at 0.523 and scored 0.675 on the next scan; every converged run of the transfer matrix and the payoff
-# validated at 0.83-0.96.
+# A finished run whose best validation Dice stays below this has most likely not converged (before the probe
+# start of stop 21: validation Dice 0 for the first 50-100 iterations on some seeds). Measured at stop 17: the
+# collapsed box-label run (seed 7) validated at 0.523 and scored 0.675 on the next scan; every converged run of the
+# transfer matrix and the payoff validated at 0.83-0.96.
 UNDERTRAINED_DICE = 0.7
 
 
