@@ -12,6 +12,11 @@ head" is an offset per class added to the bias of that class's hypernetwork outp
 the dot product of the (B,K,C') hypernetwork weights with the (B,C',H,W) upscaled features, so with everything
 else fixed the fit is a multinomial linear classifier on C' = 32 features per pixel, trained with the training
 loss on features computed once. Cheap (seconds on 2 CPU cores) and deterministic up to the features.
+
+Measured (stop 21, bench/results/transfer_probe_start.md): across three precisions of one selection seed it ended
+closer together (ct_dicom 0.885-0.916 against 0.816-0.926) and every run validated higher on the training volume,
+but on the scored seeds the next scan got worse (forward 0.911 -> 0.861, liver/spleen -60 HU 0.754 -> 0.552):
+opt-in (``samed train --head-start probe``), not the default.
 """
 from __future__ import annotations
 
