@@ -502,6 +502,7 @@ def test_short_real_fine_tune_raises_liver_dice(shared_data, tmp_path, capsys, l
     assert card.head == "cnn" and card.mode == "frozen" and [c.value for c in card.classes] == [1, 5, 6, 52]
     assert card.training["iterations"] == 30 and card.training["training_slices"] == 9  # 8 labeled + 1 background
     assert card.training["warmup_fraction"] == 0.2
+    assert card.training["head_start"] == "random" and "probe_start" not in card.training  # the CNN has no tokens
     assert [e["lr"] for e in iterations[:2]] == pytest.approx([1e-3 / 6, 2e-3 / 6])  # 6 warm-up iterations
     assert card.training["validation_mean_dice"] == max(e["mean_dice"] for e in validations)  # best one kept
     assert card.preprocessing.resolution_mm == 3.0  # the training scan's in-plane spacing: inference smooths to it

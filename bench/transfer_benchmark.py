@@ -431,15 +431,15 @@ def render(results: dict) -> str:
                 lines.append(f"| {case} | " + " | ".join(f"{dice[o]:.3f}" for o in ORGANS)
                              + f" | {np.mean([dice[o] for o in ORGANS]):.3f} |")
     if results.get("precision"):
-        rows = results["precision"].values()
-        means = [row["mean_dice"] for row in rows]
+        # the summary is over the default recipe's runs (not the stop-20 probes with other iteration counts)
+        means = [row["mean_dice"] for row in results["precision"].values() if "--iterations" not in row["options"]]
         lines += ["", "## Precision: the forward case, the training embeddings computed another way", "",
                   "| embeddings | " + " | ".join(ORGANS) + " | mean | validation | train s |",
                   "|---|" + "---|" * (len(ORGANS) + 3)]
         for name, row in results["precision"].items():
             lines.append(f"| {name} | " + " | ".join(f"{row['dice'][o]:.3f}" for o in ORGANS)
                          + f" | {row['mean_dice']:.3f} | {row['validation_mean_dice']} | {row['train_seconds']} |")
-        lines += ["", f"Over these {len(means)} runs (seeds x precisions): mean Dice {np.mean(means):.3f} +- "
+        lines += ["", f"Over the {len(means)} default-recipe runs (seeds x precisions): mean Dice {np.mean(means):.3f} +- "
                       f"{np.std(means):.3f}, worst {min(means):.3f}."]
     for name, title in (("lora", "LoRA mode (SAMed proper), one seed, started from that seed's frozen-mode model "
                                  "(train s: the LoRA run alone)"),

@@ -363,8 +363,10 @@ def _train(config: TrainConfig, progress, progress_json: bool, stop: _StopFlag) 
             since_best += 1
 
     def _write(tensors, iteration: int) -> None:
+        start = ("init_from" if config.init_from else "probe" if probe
+                 else "symmetric" if supports_probe_start(model.head) else "random")
         card.training = _summary(config, mode, iteration, best_mean, best_dice, time.perf_counter() - started,
-                                 volumes, train_parts, precision, probe)
+                                 volumes, train_parts, precision, start, probe)
         save_tensors(tensors, card, config.output)
         report({"event": "checkpoint", "path": str(config.output), "iteration": iteration})
 
@@ -551,7 +553,7 @@ def _probe_start(model: SAMedModel, pool: _Views | None, train_parts, mode: str,
 
 
 def _summary(config: TrainConfig, mode: str, iteration: int, best_mean: float, best_dice: dict, seconds: float,
-             volumes: list[TrainingVolume], train_parts, precision: str, probe: dict | None) -> dict:
+             volumes: list[TrainingVolume], train_parts, precision: str, start: str, probe: dict | None) -> dict:
     return {"mode": mode, "iterations": iteration, "iterations_planned": config.iterations,
             "batch_size": config.batch_size, "learning_rate": config.learning_rate,
             "warmup_fraction": config.warmup_fraction,
@@ -559,7 +561,7 @@ def _summary(config: TrainConfig, mode: str, iteration: int, best_mean: float, b
             "images": [v.name for v in volumes], "validation_mean_dice": round(best_mean, 4),
             "validation_dice": best_dice, "seconds": round(seconds, 1), "seed": config.seed,
             "augmentation": config.augmentation.to_dict(), "torch": torch.__version__, "encoder_precision": precision,
-            "head_start": "init_from" if config.init_from else "probe" if probe else "symmetric",
+            "head_start": start,
             **({"probe_start": probe} if probe else {}),
             **({"init_from": Path(config.init_from).name} if config.init_from else {}),
             **({"view_encoder": "openvino"} if config.openvino else {})}
