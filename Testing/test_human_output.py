@@ -70,6 +70,9 @@ def test_training_events_read_as_sentences():
                                               "m.safetensors")
     warning = {"event": "warning", "message": "best validation mean Dice 0.523 is below 0.7: ..."}
     assert format_training_event(warning) == "warning: best validation mean Dice 0.523 is below 0.7: ..."
+    probe = {"event": "probe_start", "loss_before": 1.0566, "loss_after": 0.4945,
+             "message": "class outputs fitted on the frozen features: loss 1.0566 -> 0.4945"}
+    assert format_training_event(probe) == "class outputs fitted on the frozen features: loss 1.0566 -> 0.4945"
     log = io.StringIO()
     display = TrainingDisplay(log)
     for i in range(1, 5):

@@ -120,6 +120,8 @@ def format_training_event(event: dict) -> str | None:
         return f"self-prompted refinement chosen on the validation slices: {chosen}"
     if kind == "warning":
         return f"warning: {event['message']}"
+    if kind == "probe_start":
+        return event["message"]
     if kind in ("iteration", "encoding"):
         return None
     return f"{kind}: " + ", ".join(f"{k} {v}" for k, v in event.items() if k != "event")
