@@ -90,7 +90,7 @@ class TrainConfig:
     resume: bool = False
     openvino: bool = False  # frozen mode on the CPU: encode the views through OpenVINO (acceleration.openvino_encoder)
     init_from: str | None = None  # start from this trained model's head (and LoRA, when both are LoRA models)
-    head_start: str = "symmetric"  # HEAD_STARTS: fit the class outputs on the frozen features first (probe_start) or not
+    head_start: str = "symmetric"  # HEAD_STARTS; probe: fit the class outputs on the frozen features first
     stop_file: str | None = None  # stop cleanly once this file exists (no signal needed, e.g. Windows GUIs)
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
@@ -315,8 +315,8 @@ def _train(config: TrainConfig, progress, progress_json: bool, stop: _StopFlag) 
                 val_views = _Views(cache.encode(view_encoder, val_views.inputs.to(device)).cpu(),
                                    val_views.targets)
 
-    probe = None
-    if (config.head_start == "probe" and supports_probe_start(model.head) and not config.init_from
+    probe = None  # under torchrun each rank fits on its share of the pool; DDP then starts every rank from rank 0's
+    if (config.head_start == "probe" and supports_probe_start(model.head) and not config.init_from and not stop.stop
             and not (config.resume and resume_path.is_file())):
         probe = _probe_start(model, pool, train_parts, mode, prep, target_size, device, config)
         report({"event": "probe_start", **probe, "message": (f"class outputs fitted on the frozen features: loss "
