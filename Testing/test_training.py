@@ -46,7 +46,7 @@ from SAMedLib.model_card import Preprocessing
 from SAMedLib.preprocessing import model_input, normalize_intensity, slice_to_model_theta
 from SAMedLib.schedule import learning_rate
 from SAMedLib.trainer import REFINEMENT_MARGIN, UNDERTRAINED_DICE, TrainConfig, train
-from SAMedLib.training_data import TrainingDataError, TrainingVolume, prepare_training_pair
+from SAMedLib.training_data import TrainingDataError, TrainingVolume, load_training_pair, prepare_training_pair
 from SAMedLib.volume_io import read_volume, resample_to_reference
 
 REPO = Path(__file__).resolve().parents[1]
@@ -746,7 +746,7 @@ def test_probe_start_finds_the_liver_before_any_fine_tuning(shared_data, lite):
     from SAMedLib.probe_start import probe_start
 
     prep = Preprocessing(input_size=lite.input_size)
-    volume = trainer_module.load_training_pair(str(shared_data / "ct_3mm.nii.gz"), str(shared_data / "ct_3mm_labels.nii.gz"),
+    volume = load_training_pair(str(shared_data / "ct_3mm.nii.gz"), str(shared_data / "ct_3mm_labels.nii.gz"),
                                                parse_class_list("5:liver"), prep)
     slices = volume.foreground_slices[np.linspace(0, len(volume.foreground_slices) - 1, 6).astype(int)]
     views = trainer_module._make_views(volume, slices, [[ViewAugmentation.identity()]] * len(slices), prep,
@@ -803,7 +803,7 @@ def test_probe_start_in_lora_mode_encodes_plain_views(shared_data, lite):
     """LoRA mode has no encoded pool: the probe encodes plain views of the training slices with the model's own
     encoder (LoRA's B matrices are zero, so that is the pretrained encoder) and fits the head's output biases."""
     prep = Preprocessing(input_size=lite.input_size)
-    volume = trainer_module.load_training_pair(str(shared_data / "ct_3mm.nii.gz"), str(shared_data / "ct_3mm_labels.nii.gz"),
+    volume = load_training_pair(str(shared_data / "ct_3mm.nii.gz"), str(shared_data / "ct_3mm_labels.nii.gz"),
                                                parse_class_list("5:liver"), prep)
     model = build_model(copy.deepcopy(lite), "samed", 1, "lora", 4, seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}

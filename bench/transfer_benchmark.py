@@ -343,7 +343,8 @@ def main() -> None:
                                      "mean_dice": round(float(np.mean([scores["classes"][o]["dice"] for o in ORGANS])), 4)}
             save()
     if "precision" in baselines:
-        # The forward case, first seed, with the frozen-encoder embeddings computed another way: torch fp32, and
+        # The forward case (--precision-seeds, default the first seed) with the frozen-encoder embeddings computed
+        # three ways: torch bf16 (the matrix's model), torch fp32, and
         # OpenVINO's bf16 (another rounding of the same encoder, as another CPU's bf16 kernels would give).
         # The brief's rule: a result counts only if it holds across seeds *and* precisions.
         results["precision"] = {}
@@ -452,8 +453,7 @@ def render(results: dict) -> str:
             for case, row in results[name].items():
                 origin = ""
                 if start:
-                    runs = [r for r in results["cases"].get(case, {}).get("runs", []) if r["seed"] == row["seed"]]
-                    start_dice = row.get("start_mean_dice") or (runs[0]["on"]["mean_dice"] if runs else None)
+                    start_dice = row.get("start_mean_dice")  # the model it started from, kept when it was run
                     origin = f" {start_dice:.3f} ({row.get('init_train_seconds')}) |" if start_dice else " - |"
                 lines.append(f"| {case} | " + " | ".join(f"{row['dice'][o]:.3f}" for o in ORGANS)
                              + f" | {row['mean_dice']:.3f} | {row['train_seconds']} |" + origin)

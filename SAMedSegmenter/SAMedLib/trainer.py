@@ -536,8 +536,8 @@ def _start_from(model: SAMedModel, card: ModelCard, path: str) -> None:
 
 def _probe_start(model: SAMedModel, pool: _Views | None, train_parts, mode: str, prep: Preprocessing,
                  target_size: int, device: str, config: TrainConfig) -> dict:
-    """Fit the head's class outputs on PROBE_VIEWS training views (frozen mode: the encoded pool; LoRA mode: plain
-    views encoded now, the LoRA matrices' B being zero so the encoder is still the pretrained one)."""
+    """Fit the head's class outputs on training views (frozen mode: PROBE_VIEWS of the encoded pool; LoRA mode: up to
+    PROBE_VIEWS plain views per volume encoded now, LoRA's B being zero so the encoder is still the pretrained one)."""
     if pool is not None:
         pick = torch.linspace(0, len(pool.inputs) - 1, min(PROBE_VIEWS, len(pool.inputs))).long()
         embeddings, targets = pool.inputs[pick], pool.targets[pick]
