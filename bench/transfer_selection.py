@@ -2,7 +2,10 @@
 
 Splits, none of which is a scored case of the transfer benchmark:
 - ``forward-seed0``: train on ct_3mm with training seed 0 (the benchmark scores seeds 1234, 7, 42), segment
-  ct_dicom;
+  ct_dicom; ``--extra "--seed 1"`` trains the other unscored seeds on the same split (the extra options come last
+  and win; the model file and the results' "extra" column name the seed). Since stop 22 a recipe change is
+  chosen on seeds 0, 1 and 2: one seed alone proved to be one draw of the slow start's lottery (transfer
+  benchmark's selection record). The default's seeds 1 and 2: ``bench/results/transfer_selection_seeds.md``;
 - ``slab``: train on a 42 mm slab of ct_3mm (slices 90-103: all four organs on every slice, like the ct_dicom
   series) and segment the **whole** ct_3mm volume: how much does the model predict on the 98 slices beyond its
   training coverage? This imitates the reverse case inside the training volume, without touching the reverse test.
