@@ -70,7 +70,10 @@ def main() -> None:
         _, _, scan, shifts = tb.CASES[test]
         image, reference = tb.load_scan(scan)
         scans[test] = (tb.phase_shift(image, reference, shifts) if shifts else image, reference)
-    model_path = lambda precision, seed: args.models / f"{PRECISIONS[precision].format(seed)}.safetensors"
+
+    def model_path(precision: str, seed: int) -> Path:
+        return args.models / f"{PRECISIONS[precision].format(seed)}.safetensors"
+
     groups = {f"seeds {', '.join(map(str, SEEDS))}, {p}": [model_path(p, s) for s in SEEDS] for p in PRECISIONS}
     results = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                            "torch": torch.__version__}, "members": {}, "ensembles": {}, "matched_precision": {}}
