@@ -79,10 +79,12 @@ def main() -> None:
                            "torch": torch.__version__}, "members": {}, "ensembles": {}, "matched_precision": {}}
     for precision in PRECISIONS:
         for seed in SEEDS:
+            member = load_model(model_path(precision, seed))
             results["members"][f"{precision}, seed {seed}"] = {
-                test: score_on(load_model(model_path(precision, seed)), test, scans, classes) for test in TESTS}
+                test: score_on(member, test, scans, classes) for test in TESTS}
     for name, paths in groups.items():
-        results["ensembles"][name] = {test: score_on(ensemble(paths), test, scans, classes) for test in TESTS}
+        averaged = ensemble(paths)
+        results["ensembles"][name] = {test: score_on(averaged, test, scans, classes) for test in TESTS}
     for seed in SEEDS:
         results["matched_precision"][f"fp32-trained seed {seed}, fp32 inference"] = score_on(
             load_model(model_path("fp32", seed)), "forward", scans, classes, precision="fp32")

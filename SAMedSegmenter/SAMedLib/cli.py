@@ -368,8 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="share of the iterations the learning rate rises linearly to its peak (0 to <1)")
     tr.add_argument("--head-start", default=TrainConfig.head_start, choices=list(HEAD_STARTS),
                     help="symmetric (default): every class starts from the pretrained mask token; probe: fit each "
-                         "class's output on the frozen features first (LP-FT; heads samed and autosam_vit) - it "
-                         "validated higher on the training volume but transferred worse (README)")
+                         "class's output on the frozen features first (LP-FT; heads samed and autosam_vit) - steadier across "
+                         "precisions, worse on bf16 and on darker parenchyma; not yet the default (README)")
     tr.add_argument("--views-per-slice", type=int, default=TrainConfig.views_per_slice,
                     help="frozen mode: plain + augmented views, each encoded once")
     tr.add_argument("--max-labeled-slices", type=int, help="use only this many labeled slices (label-efficiency)")

@@ -15,8 +15,10 @@ loss on features computed once. Cheap (seconds on 2 CPU cores) and deterministic
 
 Measured (stop 21, bench/results/transfer_probe_start.md): across three precisions of one selection seed it ended
 closer together (ct_dicom 0.885-0.916 against 0.816-0.926) and every run validated higher on the training volume,
-but on the scored seeds the next scan got worse (forward 0.911 -> 0.861, liver/spleen -60 HU 0.754 -> 0.552):
-opt-in (``samed train --head-start probe``), not the default.
+but on the scored seeds in bf16 the next scan got worse (forward 0.911 -> 0.861, liver/spleen -60 HU 0.754 ->
+0.552). Stop 22 added its fp32 runs: over bf16 + fp32 (six runs each) forward 0.881 +- 0.032 (worst 0.835) against
+the symmetric start's 0.839 +- 0.091 (worst 0.672), -60 HU 0.591 against 0.619. Opt-in (``samed train
+--head-start probe``) until its OpenVINO, reverse and sparse runs are measured.
 """
 from __future__ import annotations
 
