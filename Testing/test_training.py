@@ -772,7 +772,8 @@ def test_probe_start_finds_the_liver_before_any_fine_tuning(shared_data, lite):
 
 def test_head_start_is_recorded_and_checked(shared_data, tmp_path, fast_trainer_base):
     """--head-start probe fits the class outputs first (a probe_start event, validation at iteration 0, the card
-    says so); symmetric skips it; an unknown start is refused before anything is written."""
+    says so) and is what a run gets without the option (the default since stop 23); symmetric skips it; an unknown
+    start is refused before anything is written."""
     validation = tmp_path / "two_slices.nii.gz"
     sitk.WriteImage(read_volume(shared_data / "ct_3mm.nii.gz")[:, :, 94:96], str(validation))
     common = dict(images=[str(shared_data / "ct_3mm.nii.gz")], labels=[str(shared_data / "ct_3mm_labels.nii.gz")],
@@ -780,15 +781,16 @@ def test_head_start_is_recorded_and_checked(shared_data, tmp_path, fast_trainer_
                   max_labeled_slices=2, background_fraction=0, validate_every=100, device="cpu",
                   validation_image=str(validation), validation_labels=str(shared_data / "ct_3mm_labels.nii.gz"),
                   refinement="box", cache_dir=str(tmp_path / "cache"), augmentation=NO_AUGMENTATION)
-    for start in ("probe", "symmetric"):
+    for start in ("probe", "symmetric", None):
         out, events = tmp_path / f"{start}.safetensors", []
-        train(TrainConfig(**common, output=str(out), head_start=start), progress=events.append,
+        chosen = {"head_start": start} if start else {}
+        train(TrainConfig(**common, output=str(out), **chosen), progress=events.append,
               stop_flag=StopAfter(10**6))
         training = read_model_card(out).training
         probes = [e for e in events if e["event"] == "probe_start"]
         checks = [e["iteration"] for e in events if e["event"] == "validation"]
-        assert training["head_start"] == start
-        if start == "probe":
+        assert training["head_start"] == (start or "probe")
+        if start != "symmetric":
             assert len(probes) == 1 and probes[0]["loss_after"] < probes[0]["loss_before"]
             assert training["probe_start"]["loss_after"] == probes[0]["loss_after"] and checks == [0, 1]
         else:

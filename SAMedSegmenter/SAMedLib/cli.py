@@ -367,9 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--warmup-fraction", type=float, default=TrainConfig.warmup_fraction,
                     help="share of the iterations the learning rate rises linearly to its peak (0 to <1)")
     tr.add_argument("--head-start", default=TrainConfig.head_start, choices=list(HEAD_STARTS),
-                    help="symmetric (default): every class starts from the pretrained mask token; probe: fit each "
-                         "class's output on the frozen features first (LP-FT; heads samed and autosam_vit) - steadier across "
-                         "precisions, worse on bf16 and on darker parenchyma; not yet the default (README)")
+                    help="probe (default): fit each class's output on the frozen features first (LP-FT; heads samed and "
+                         "autosam_vit), steadier across seeds and precisions; symmetric: every class starts from the "
+                         "pretrained mask token (the default before stop 23; README)")
     tr.add_argument("--views-per-slice", type=int, default=TrainConfig.views_per_slice,
                     help="frozen mode: plain + augmented views, each encoded once")
     tr.add_argument("--max-labeled-slices", type=int, help="use only this many labeled slices (label-efficiency)")

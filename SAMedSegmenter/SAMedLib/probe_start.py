@@ -13,12 +13,11 @@ the dot product of the (B,K,C') hypernetwork weights with the (B,C',H,W) upscale
 else fixed the fit is a multinomial linear classifier on C' = 32 features per pixel, trained with the training
 loss on features computed once. Cheap (seconds on 2 CPU cores) and deterministic up to the features.
 
-Measured (stop 21, bench/results/transfer_probe_start.md): across three precisions of one selection seed it ended
-closer together (ct_dicom 0.885-0.916 against 0.816-0.926) and every run validated higher on the training volume,
-but on the scored seeds in bf16 the next scan got worse (forward 0.911 -> 0.861, liver/spleen -60 HU 0.754 ->
-0.552). Stop 22 added its fp32 runs: over bf16 + fp32 (six runs each) forward 0.881 +- 0.032 (worst 0.835) against
-the symmetric start's 0.839 +- 0.091 (worst 0.672), -60 HU 0.591 against 0.619. Opt-in (``samed train
---head-start probe``) until its OpenVINO, reverse and sparse runs are measured.
+Measured (stop 21-23, bench/results/head_start.md): over three seeds x three precisions of the training
+embeddings (torch bf16 / fp32 / OpenVINO bf16) it is the steadier start - forward 0.887 +- 0.029 (worst 0.835)
+against the symmetric start's 0.823 +- 0.096 (worst 0.672), reverse 0.626 against 0.578 - though it loses on
+torch bf16 alone (forward 0.861 against 0.911). The default head start since stop 23 (``samed train
+--head-start symmetric`` keeps the previous behaviour).
 """
 from __future__ import annotations
 

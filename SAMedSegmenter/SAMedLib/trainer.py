@@ -90,7 +90,7 @@ class TrainConfig:
     resume: bool = False
     openvino: bool = False  # frozen mode on the CPU: encode the views through OpenVINO (acceleration.openvino_encoder)
     init_from: str | None = None  # start from this trained model's head (and LoRA, when both are LoRA models)
-    head_start: str = "symmetric"  # HEAD_STARTS; probe: fit the class outputs on the frozen features first
+    head_start: str = "probe"  # HEAD_STARTS; probe: fit the class outputs on the frozen features first (stop 23)
     stop_file: str | None = None  # stop cleanly once this file exists (no signal needed, e.g. Windows GUIs)
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
