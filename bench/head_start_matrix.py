@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,9 @@ import transfer_benchmark as tb
 
 RUNS = tb.RESULTS / "head_start_runs.json"
 PRECISION_OPTIONS = {"bf16": [], "fp32": ["--precision", "fp32"], "ov": ["--openvino"]}
-PRECISION_NAMES = {"bf16": "bf16", "fp32": "fp32", "ov": "OpenVINO"}
+# Earlier sources ran on the 2-core Xeon (AVX512-BF16 + AMX); stop 23's on a 2-core AMD EPYC without native bf16.
+XEON = {"bf16": "bf16 (Xeon)", "fp32": "fp32 (Xeon)", "OpenVINO": "OpenVINO bf16 (Xeon)"}
+LABEL_ORDER = (*XEON.values(), "fp32 (EPYC)", "OpenVINO fp32 (EPYC)")
 PHASE_TESTS = ("forward", "phase-aorta+150", "phase-liver-spleen-60")
 OTHER_TESTS = ("reverse", "sparse-10", "sparse-5", "sparse-20")  # bf16 only; sparse-5/20 with seed 1234 only
 SEEDS = (1234, 7, 42)
@@ -48,7 +52,9 @@ def run(jobs: list[str], out: Path) -> None:
             continue
         model, seconds = tb.train(out, case, int(seed), ["--head-start", "probe", *PRECISION_OPTIONS[precision]],
                                   reuse=True)
-        entry: dict = {"train_seconds": round(seconds, 1) if seconds else None}
+        # What the precision option meant here: without native bf16 the CPU default is fp32, and OpenVINO's too.
+        entry: dict = {"train_seconds": round(seconds, 1) if seconds else None, "machine": machine_line(),
+                       "encoder_precision": tb.load_model(model).card.training.get("encoder_precision")}
         for test in PHASE_TESTS if case == "forward" else (case,):
             _, _, scan, shifts = tb.CASES[test]
             image, reference = scans[scan]
@@ -65,6 +71,18 @@ def run(jobs: list[str], out: Path) -> None:
         RUNS.write_text(json.dumps(results, indent=1))
 
 
+def machine_line() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else ""
+    return f"{cpu}, {os.cpu_count()} cores, native bf16: {tb.cpu_has_native_bf16()}"
+
+
+def run_label(job_precision: str, entry: dict) -> str:
+    """The precision a stop-23 run really had, and its CPU (earlier sources are the Xeon's)."""
+    cpu = "EPYC" if "EPYC" in entry.get("machine", "") else "Xeon"
+    return f"{'OpenVINO ' if job_precision == 'ov' else ''}{entry.get('encoder_precision', 'bf16')} ({cpu})"
+
+
 def collect() -> dict[tuple[str, str, str], dict]:
     """(start, test, precision) -> {seed: (mean Dice, per-organ Dice)} from every results file that has them."""
     table: dict = {}
@@ -76,26 +94,26 @@ def collect() -> dict[tuple[str, str, str], dict]:
     for name, tests in variance.items():
         precision, seed = name.split(", seed ")
         for test in PHASE_TESTS:
-            put("symmetric", test, precision, int(seed), tests[test]["mean_dice"], tests[test]["dice"])
+            put("symmetric", test, XEON[precision], int(seed), tests[test]["mean_dice"], tests[test]["dice"])
     matrix = json.loads((tb.RESULTS / "transfer.json").read_text())["cases"]
     for test in OTHER_TESTS:
         for r in matrix[test]["runs"]:
-            put("symmetric", test, "bf16", r["seed"], r["on"]["mean_dice"],
+            put("symmetric", test, XEON["bf16"], r["seed"], r["on"]["mean_dice"],
                 {o: round(r["on"]["scores"]["classes"][o]["dice"], 4) for o in tb.ORGANS})
     probe_bf16 = json.loads((tb.RESULTS / "transfer_probe_start.json").read_text())["cases"]
     for test in PHASE_TESTS:
         for r in probe_bf16[test]["runs"]:
-            put("probe", test, "bf16", r["seed"], r["on"]["mean_dice"],
+            put("probe", test, XEON["bf16"], r["seed"], r["on"]["mean_dice"],
                 {o: round(r["on"]["scores"]["classes"][o]["dice"], 4) for o in tb.ORGANS})
     stop22 = json.loads((tb.RESULTS / "transfer_selection_stop22.json").read_text())
     for name, r in stop22["probe_start_fp32_matrix_seeds"]["runs"].items():
         seed = int(name.split("_")[0].removeprefix("forward"))
         for test in PHASE_TESTS:
-            put("probe", test, "fp32", seed, r[test]["mean"], {o: r[test][o] for o in tb.ORGANS})
+            put("probe", test, XEON["fp32"], seed, r[test]["mean"], {o: r[test][o] for o in tb.ORGANS})
     for job, entry in (json.loads(RUNS.read_text()) if RUNS.exists() else {}).items():
         case, seed, precision = job.split(":")
         for test in PHASE_TESTS if case == "forward" else (case,):
-            put("probe", test, PRECISION_NAMES[precision], int(seed), entry[f"{test}:on"]["mean"],
+            put("probe", test, run_label(precision, entry), int(seed), entry[f"{test}:on"]["mean"],
                 entry[f"{test}:on"]["dice"])
     return table
 
@@ -103,13 +121,15 @@ def collect() -> dict[tuple[str, str, str], dict]:
 def render(table: dict) -> str:
     lines = ["# Head start: symmetric (the default) against probe, every case and precision measured", "",
              "Generated by `bench/head_start_matrix.py` (sources in its docstring); mean Dice over spleen, liver, "
-             "stomach, aorta with the card's post-processing, training seeds 1234 / 7 / 42. 2-core x86_64 VM "
-             "(AVX512-BF16 + AMX), no GPU, torch 2.14.1.", "", f"Switch rule, written before the runs: {SWITCH_RULE}",
+             "stomach, aorta with the card's post-processing, training seeds 1234 / 7 / 42. Two 2-core VMs, no GPU, "
+             "torch 2.14.1: the Xeon (AVX512-BF16 + AMX; every earlier source, where the CPU default is bf16) and "
+             "an AMD EPYC without AVX512 or native bf16 (stop 23's runs: there the CPU default and OpenVINO both "
+             "compute in fp32). A row is one precision on one machine.", "", f"Switch rule, written before the runs: {SWITCH_RULE}",
              "", "| test | precision | symmetric: per seed | symmetric mean ± std (worst) | probe: per seed | "
              "probe mean ± std (worst) |", "|---|---|---|---|---|---|"]
     tests = (*PHASE_TESTS, *OTHER_TESTS)
     for test in tests:
-        precisions = [p for p in PRECISION_NAMES.values() if (("symmetric", test, p) in table
+        precisions = [p for p in LABEL_ORDER if (("symmetric", test, p) in table
                                                                 or ("probe", test, p) in table)]
         pooled = {"symmetric": [], "probe": []}
         for precision in precisions:

@@ -14,7 +14,8 @@ else fixed the fit is a multinomial linear classifier on C' = 32 features per pi
 loss on features computed once. Cheap (seconds on 2 CPU cores) and deterministic up to the features.
 
 Measured (stop 21-23, bench/results/head_start.md): over three seeds x three precisions of the training
-embeddings (torch bf16 / fp32 / OpenVINO bf16) it is the steadier start - forward 0.887 +- 0.029 (worst 0.835)
+embeddings (torch bf16 and fp32 on a Xeon, OpenVINO fp32 on an AMD EPYC; the symmetric start's third: OpenVINO
+bf16 on the Xeon) it is the steadier start - forward 0.887 +- 0.029 (worst 0.835)
 against the symmetric start's 0.823 +- 0.096 (worst 0.672), reverse 0.626 against 0.578 - though it loses on
 torch bf16 alone (forward 0.861 against 0.911). The default head start since stop 23 (``samed train
 --head-start symmetric`` keeps the previous behaviour).
