@@ -8,10 +8,10 @@ reverse and sparse cases (matrix seeds 1234 / 7 / 42; sparse-5 / sparse-20 seed 
 models; ``transfer.json``: reverse and sparse-10).
 
 The switch rule was written down before the first of these runs finished (``SWITCH_RULE``). Stop 23 ran on an AMD
-EPYC without native bf16, where the CPU default (job precision ``bf16``: no option) and OpenVINO compute in fp32;
+EPYC without native bf16, where the CPU default (job precision ``default``: no option) and OpenVINO compute in fp32;
 each run records its machine and encoder precision, and the table labels rows by what actually ran.
 
-Usage: ``python bench/head_start_matrix.py --run forward:1234:ov reverse:7:bf16 ...`` (trains into
+Usage: ``python bench/head_start_matrix.py --run forward:1234:ov reverse:7:default ...`` (trains into
 out/head_start, scores, appends to ``bench/results/head_start_runs.json``; runs already there are skipped), then
 ``python bench/head_start_matrix.py`` writes ``bench/results/head_start.md``.
 """
@@ -28,7 +28,7 @@ import numpy as np
 import transfer_benchmark as tb
 
 RUNS = tb.RESULTS / "head_start_runs.json"
-PRECISION_OPTIONS = {"bf16": [], "fp32": ["--precision", "fp32"], "ov": ["--openvino"]}
+PRECISION_OPTIONS = {"default": [], "fp32": ["--precision", "fp32"], "ov": ["--openvino"]}  # job codes
 # Earlier sources ran on the 2-core Xeon (AVX512-BF16 + AMX); stop 23's on a 2-core AMD EPYC without native bf16.
 XEON = {"bf16": "bf16 (Xeon)", "fp32": "fp32 (Xeon)", "OpenVINO": "OpenVINO bf16 (Xeon)"}
 LABEL_ORDER = (*XEON.values(), "fp32 (EPYC)", "OpenVINO fp32 (EPYC)")
@@ -63,11 +63,11 @@ def run(jobs: list[str], out: Path) -> None:
             if shifts:
                 image = tb.phase_shift(image, reference, shifts)
             for post in ("on", "off"):
-                scores, seconds = tb.segment_and_score(model, image, reference, classes, post)
+                scores, infer_seconds = tb.segment_and_score(model, image, reference, classes, post)
                 dice = {o: round(scores["classes"][o]["dice"], 4) for o in tb.ORGANS}
                 entry[f"{test}:{post}"] = {"mean": round(float(np.mean(list(dice.values()))), 4), "dice": dice,
                                            "fp_outside": {o: scores["classes"][o]["fp_outside"] for o in tb.ORGANS},
-                                           "seconds": round(seconds, 1)}
+                                           "seconds": round(infer_seconds, 1)}
             print(job, test, entry[f"{test}:on"], flush=True)
         results[job] = entry
         RUNS.write_text(json.dumps(results, indent=1))
@@ -81,9 +81,9 @@ def machine_line() -> str:
 
 def run_label(job_precision: str, entry: dict) -> str:
     """The precision a stop-23 run really had, and its CPU (earlier sources are the Xeon's)."""
-    machine = entry.get("machine", "")
+    machine = entry["machine"]
     cpu = next((name for name in ("EPYC", "Xeon") if name in machine), machine.split(",")[0] or "Xeon")
-    return f"{'OpenVINO ' if job_precision == 'ov' else ''}{entry.get('encoder_precision', 'bf16')} ({cpu})"
+    return f"{'OpenVINO ' if job_precision == 'ov' else ''}{entry['encoder_precision']} ({cpu})"
 
 
 def collect() -> dict[tuple[str, str, str], dict]:
@@ -160,7 +160,7 @@ def render(table: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", nargs="*", default=[], help="jobs case:seed:precision (precision bf16|fp32|ov)")
+    parser.add_argument("--run", nargs="*", default=[], help="jobs case:seed:precision (precision default|fp32|ov)")
     parser.add_argument("--out", type=Path, default=tb.REPO / "out" / "head_start")
     args = parser.parse_args()
     if args.run:
