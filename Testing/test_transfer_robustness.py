@@ -9,7 +9,8 @@ from torch import nn
 
 from SAMedLib.augmentation import AugmentationConfig, apply_class_levels, sample_view
 from SAMedLib.checkpoint import load_model
-from SAMedLib.cleanup import clean_label_image, keep_main_extent, keep_plausible_components
+from SAMedLib.cleanup import (class_profiles, clean_label_image, co_occurrence_slice, keep_main_extent,
+                              keep_plausible_components, main_extent)
 from SAMedLib.inference import segment_image
 from SAMedLib.metrics import dice
 from SAMedLib.model_card import Postprocessing, Preprocessing
@@ -302,6 +303,40 @@ def test_extent_keeps_an_organ_with_a_missed_slice_and_real_reference_organs(sha
         image = sitk.GetImageFromArray(kept)
         image.CopyInformation(reference)
         assert (sitk.GetArrayFromImage(clean_label_image(image, None, organs, "extent")) == kept).all(), name
+
+
+def _four_organs_on_every_slice(depth: int = 20) -> np.ndarray:
+    """Spleen, liver, stomach and aorta side by side on every slice: a 40 mm contrast series like ct_dicom."""
+    labels = np.zeros((depth, 60, 60), np.uint8)
+    labels[:, 5:25, 5:30] = 5
+    labels[:, 5:20, 40:55] = 1
+    labels[:, 30:45, 40:55] = 6
+    labels[:, 40:45, 20:25] = 52
+    return labels
+
+
+def test_extent_keeps_an_organ_the_head_missed_on_slices_where_the_other_organs_carry_on():
+    labels = _four_organs_on_every_slice()
+    labels[4:9][labels[4:9] == 5] = 0
+    labels[4:9, 5:8, 5:9] = 5  # the liver found faintly on five slices: a deep waist, then a rise
+    labels[4:7][labels[4:7] == 52] = 0  # the aorta missed on three slices; found above and below
+    organs, spacing = [1, 5, 6, 52], (2.0, 1.0, 1.0)
+    out = keep_main_extent(labels, None, organs, spacing)
+    assert (out == labels).all(), "a side of the waist was cut although every other organ is on those slices"
+    # Each waist alone is deep enough to cut: the walk from the shared slice stops at both (stop 23's `extent`).
+    profiles = class_profiles(labels, None, organs, spacing)
+    start = co_occurrence_slice(profiles)
+    assert main_extent(profiles[5], start) != (0, 19) and main_extent(profiles[52], start) != (0, 19)
+
+
+def test_extent_still_cuts_a_false_mode_where_only_a_minority_of_the_other_organs_reach():
+    labels = np.zeros((40, 60, 60), np.uint8)
+    labels[20:40] = _four_organs_on_every_slice(20)
+    labels[0:20, 40:45, 20:25] = 52  # the aorta runs on into the pelvis (true)
+    labels[0:14, 10:30, 10:30] = 5  # a pelvic "liver" beyond a deep waist, where only the aorta is
+    out = keep_main_extent(labels, None, [1, 5, 6, 52], (3.0, 1.0, 1.0))
+    assert not (out[:18] == 5).any(), "the pelvic false liver survived"
+    assert (out[:, 40:45, 20:25] == 52).all() and (out[20:] == labels[20:]).all()
 
 
 def test_extent_on_a_label_image_finds_the_body_axis_in_any_orientation():
