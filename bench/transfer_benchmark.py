@@ -197,6 +197,16 @@ SELECTION_RECORD = [
     "every earlier recipe choice was made with, and on sparse-5 / sparse-20 (seed 1234 only, outside the rule): "
     "0.876 / 0.670 against 0.926 / 0.916 (sparse-20 lost the contrast aorta, 0.03). Not run: the unscored "
     "selection seeds 1 and 2 with the probe start, seeds 7 / 42 of sparse-5 / sparse-20.",
+    "Stop 24 (NOT chosen on a selection split): `extent` grows a cut class back over the slices that at least half "
+    "of the other classes' extents cover (SAMedLib.cleanup.extend_into_shared_slices). Designed from two scored "
+    "failures on ct_dicom, where every organ is on every slice: sparse-20 seed 1234 (the head found the aorta "
+    "faintly on three slices, `extent` kept the wrong side: aorta 0.03) and -60 HU seed 1234 (half the liver cut). "
+    "Re-scored on the same stop-23 models (bench/extent_rescore.py, bench/results/extent_rescore.md): sparse-20 "
+    "0.670 -> 0.736 (aorta 0.03 -> 0.30), -60 HU 0.665 / 0.608 / 0.695 -> 0.702 / 0.643 / 0.695, reverse 0.685 / "
+    "0.606 / 0.586 -> 0.673 / 0.605 / 0.587 (seed 1234's spleen 0.784 -> 0.737: 1553 voxels re-admitted beyond "
+    "the spleen's end, where liver and stomach carry on - the rule's known cost), every other scored run "
+    "unchanged. The selection splits were run afterwards as a check, not to choose (same results file): slab, "
+    "slab-to-bright, slab-bright and forward seed 0 change by at most +0.001, no voxel added beyond an organ.",
     "Class-level augmentation range (15 HU .. saturated), far shifts (p 0.2, 35-75 % of the grid), 8 mm box "
     "margin and the components clean-up thresholds were set from physiology / the self-prompting probe "
     "(shared notes), not tuned on any scored case.",
