@@ -32,7 +32,6 @@ from head_start_matrix import SEEDS, machine_line
 from SAMedLib import cleanup
 
 RESULTS = tb.RESULTS / "extent_rescore.json"
-REPO = Path(__file__).resolve().parents[1]
 SCORED = [*[(test, seed, "forward", ["--head-start", "probe", "--openvino"])
             for seed in SEEDS for test in ("forward", "phase-aorta+150", "phase-liver-spleen-60")],
           *[(case, seed, case, ["--head-start", "probe"]) for case in ("reverse", "sparse-10") for seed in SEEDS],
@@ -58,20 +57,20 @@ def score_both(model_path: Path, image, reference) -> dict:
                             "seconds": round(time.perf_counter() - start, 1)}
     finally:
         cleanup.extend_into_shared_slices = extend
-    row["encoder_precision"] = model.card.training.get("encoder_precision")
+    training = model.card.training
+    row["encoder_precision"] = ("OpenVINO " if training.get("view_encoder") == "openvino" else "") + str(
+        training.get("encoder_precision"))
     row["machine"] = machine_line()
     return row
 
 
 def selection_job(split: str, out: Path) -> tuple[Path, str]:
-    """Train (once) the selection split's model with the CPU defaults; return it and its test scan's name."""
+    """Train (once) the selection split's model with the CPU defaults; return it and its test scan's name.
+    ``forward-seedN``: transfer_selection's forward split trained with seed N."""
     out.mkdir(parents=True, exist_ok=True)
-    slab, bright, slab_labels = ts.slab_files(out)
-    full = (tb.DATA / "ct_3mm.nii.gz", tb.DATA / "ct_3mm_labels.nii.gz")
-    image, labels, seed, test = {"slab": (slab, slab_labels, 0, "ct_3mm"),
-                                 "slab-to-bright": (slab, slab_labels, 0, "ct_3mm-bright"),
-                                 "slab-bright": (bright, slab_labels, 0, "ct_3mm"),
-                                 **{f"forward-seed{s}": (*full, s, "ct_dicom") for s in range(3)}}[split]
+    name, seed = (("forward-seed0", int(split.removeprefix("forward-seed"))) if split.startswith("forward-seed")
+                  else (split, 0))
+    image, labels, test = ts.split_training(out)[name]
     model = out / f"{Path(image).name.split('.')[0]}_seed{seed}.safetensors"
     if not model.exists() and tb.samed(["train", "--image", str(image), "--labels", str(labels), "--classes",
                                         tb.CLASSES, "--output", str(model), "--seed", str(seed), "--progress-json"]):
@@ -87,9 +86,11 @@ def run(groups: list[str]) -> None:
             key = f"{test}:{seed}"
             if key in results["scored"]:
                 continue
-            model, _ = tb.train(REPO / "out" / "head_start", case, seed, extra, reuse=True)
+            model, _ = tb.train(tb.REPO / "out" / "head_start", case, seed, extra, reuse=True)
             _, _, scan, shifts = tb.CASES[test]
-            image, reference = scans.setdefault(scan, tb.load_scan(scan))
+            if scan not in scans:  # each scan read once
+                scans[scan] = tb.load_scan(scan)
+            image, reference = scans[scan]
             if shifts:
                 image = tb.phase_shift(image, reference, shifts)
             results["scored"][key] = score_both(model, image, reference)
@@ -98,7 +99,7 @@ def run(groups: list[str]) -> None:
         for split in SELECTION:
             if split in results["selection"]:
                 continue
-            model, test = selection_job(split, REPO / "out" / "selection_stop24")
+            model, test = selection_job(split, tb.REPO / "out" / "selection_stop24")
             image, reference = ts.load_test(test)
             results["selection"][split] = score_both(model, image, reference)
             save(results)

@@ -55,6 +55,15 @@ def slab_files(folder: Path) -> tuple[Path, Path, Path]:
     return image, bright, labels
 
 
+def split_training(folder: Path) -> dict[str, tuple[Path, Path, str]]:
+    """Each selection split's training image and labels and the name of the scan it is tested on (load_test)."""
+    slab_image, bright_image, slab_labels = slab_files(folder)
+    return {"forward-seed0": (DATA / "ct_3mm.nii.gz", DATA / "ct_3mm_labels.nii.gz", "ct_dicom"),
+            "slab": (slab_image, slab_labels, "ct_3mm"),
+            "slab-bright": (bright_image, slab_labels, "ct_3mm"),
+            "slab-to-bright": (slab_image, slab_labels, "ct_3mm-bright")}
+
+
 def load_test(name: str) -> tuple[sitk.Image, sitk.Image]:
     """A test scan by name; ``ct_3mm-bright`` is ct_3mm with PHASE_DELTAS applied."""
     image, reference = load_scan(name.removesuffix("-bright"))
@@ -74,11 +83,7 @@ def main() -> None:
     path = RESULTS / f"{args.tag}.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     results.setdefault("runs", [])
-    slab_image, bright_image, slab_labels = slab_files(args.out)
-    training = {"forward-seed0": (DATA / "ct_3mm.nii.gz", DATA / "ct_3mm_labels.nii.gz", "ct_dicom"),
-                "slab": (slab_image, slab_labels, "ct_3mm"),
-                "slab-bright": (bright_image, slab_labels, "ct_3mm"),
-                "slab-to-bright": (slab_image, slab_labels, "ct_3mm-bright")}
+    training = split_training(args.out)
     for head in args.head or ["samed"]:
         for split in args.splits.split(","):
             image_path, labels_path, test = training[split]
