@@ -1,13 +1,16 @@
 """Self-prompted refinement, prompts from masks, 3D clean-up and the phase (class level) augmentation."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
 from torch import nn
 
-from SAMedLib.augmentation import AugmentationConfig, apply_class_levels, sample_view
+from SAMedLib.augmentation import (AugmentationConfig, ViewAugmentation, apply_class_levels, apply_tissue_shift,
+                                   sample_view, tissue_weight)
 from SAMedLib.checkpoint import load_model
 from SAMedLib.cleanup import (class_profiles, clean_label_image, co_occurrence_slice, keep_main_extent,
                               keep_plausible_components, main_extent)
@@ -377,6 +380,51 @@ def test_class_levels_shift_a_real_aorta_both_ways(shared_data):
         shifts_hu.append(400.0 * (float(after[aorta].mean()) - before))
     assert min(shifts_hu) < -10 and max(shifts_hu) > 180  # darker and much brighter (arterial, saturating)
     assert sum(s < 0 for s in shifts_hu) > 5 and sum(s > 100 for s in shifts_hu) > 50
+
+
+def test_tissue_shift_moves_the_unlabeled_soft_tissue_of_a_real_slice_and_nothing_else(shared_data):
+    """The rest of the body changes phase: unlabeled soft tissue moves by the drawn shift, in both directions;
+    labeled organs, fat, air and dense bone keep their values, and the remapping never inverts two intensities."""
+    from SAMedLib.preprocessing import normalize_intensity
+
+    image = read_volume(shared_data / "ct_3mm.nii.gz")
+    labels = resample_to_reference(read_volume(shared_data / "ct_3mm_labels.nii.gz", allow_constant=True), image)
+    hu = sitk.GetArrayFromImage(image).astype(np.float32)
+    label_array = sitk.GetArrayFromImage(labels)
+    z = int(np.argmax((label_array == LIVER).sum(axis=(1, 2))))
+    classes = np.isin(label_array[z], [1, LIVER, 6, AORTA])
+    slice_image = torch.from_numpy(normalize_intensity(hu, Preprocessing())[z])[None, None]
+    slice_labels = torch.from_numpy(classes.astype(np.float32))[None, None]
+    organ, outside = torch.from_numpy(classes)[None, None], ~torch.from_numpy(classes)[None, None]
+    soft = torch.from_numpy((hu[z] > -25) & (hu[z] < 115))[None, None] & outside
+    fat_or_bone = torch.from_numpy((hu[z] < -85) | (hu[z] > 275))[None, None]
+    assert soft.sum() > 1000 and (fat_or_bone & outside).sum() > 1000
+    for shift in (-0.1, 0.25):
+        view = replace(ViewAugmentation.identity(), tissue_shift=shift)
+        after = apply_tissue_shift(slice_image, slice_labels, view)
+        assert torch.equal(after[organ], slice_image[organ])
+        assert torch.equal(after[fat_or_bone], slice_image[fat_or_bone])
+        moved = (after - slice_image)[soft & (slice_image + shift > 0) & (slice_image + shift < 1)]
+        assert torch.allclose(moved, torch.full_like(moved, shift), atol=1e-6)
+        ramp = torch.linspace(0, 1, 4001)
+        assert bool((torch.diff(ramp + shift * tissue_weight(ramp)) > 0).all())  # monotone: no folded intensities
+    # The trainer's views carry it: the shifted view's encoder input is brighter than the plain one.
+    from SAMedLib.trainer import _make_views
+    from SAMedLib.training_data import TrainingVolume
+
+    volume = TrainingVolume("slice", slice_image[0].numpy(), slice_labels[0].numpy().astype(np.uint8),
+                            tuple(reversed(image.GetSpacing()[:2])))
+    plain, shifted = _make_views(volume, np.array([0]), [[ViewAugmentation.identity(), view]], Preprocessing(), 64,
+                                 noise_std=0.0).inputs
+    assert float((shifted - plain).max()) == pytest.approx(0.25, abs=0.01)
+    drawn = [sample_view(np.random.default_rng(s), AugmentationConfig(p_tissue_shift=1.0), 4).tissue_shift
+             for s in range(200)]
+    assert min(drawn) < -0.05 and max(drawn) > 0.2  # both directions: -40..+100 HU
+    # Drawn last: a seed's other choices are the same with the option on or off.
+    for s in range(20):
+        on = sample_view(np.random.default_rng(s), AugmentationConfig(p_tissue_shift=1.0), 4)
+        off = sample_view(np.random.default_rng(s), AugmentationConfig(p_tissue_shift=0.0), 4)
+        assert off.tissue_shift == 0.0 and on.class_levels == off.class_levels and on.matrix == off.matrix
 
 
 def test_absent_organ_views_appear_in_the_training_pool(shared_data):

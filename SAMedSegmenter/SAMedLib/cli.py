@@ -218,7 +218,8 @@ def cmd_train(args) -> int:
         raise SystemExit(_fail(f"need one --labels per --image (got {len(args.image)} and {len(args.labels)})"))
     prep = Preprocessing(modality=args.modality, window=tuple(args.window),
                          pixel_spacing_mm=args.pixel_spacing, inplane=args.inplane)
-    augmentation = AugmentationConfig(p_rot90_flip=args.rot90_flip) if not args.no_augmentation else AugmentationConfig(
+    augmentation = AugmentationConfig(p_rot90_flip=args.rot90_flip, p_tissue_shift=args.tissue_shift) \
+        if not args.no_augmentation else AugmentationConfig(
         p_rot90_flip=0, p_small_rotation=0, scale_range=(1, 1), max_shift=0, p_far_shift=0, contrast_range=(1, 1), brightness=0,
         gamma_range=(1, 1), noise_std=0, p_class_level=0, p_blur=0)
     config = TrainConfig(
@@ -385,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--rot90-flip", type=float, default=AugmentationConfig.p_rot90_flip, metavar="P",
                     help="probability of SAMed's random 90-degree rotation + flip (SAMed: 0.5; default 0 keeps "
                          "the canonical orientation's left/right cue)")
+    tr.add_argument("--tissue-shift", type=float, default=AugmentationConfig.p_tissue_shift, metavar="P",
+                    help="probability that a view's unlabeled soft tissue is shifted by -40..+100 HU (the rest of "
+                         "the body in another contrast phase)")
     tr.add_argument("--refinement", default=TrainConfig.refinement, choices=("auto", *REFINEMENTS),
                     help="self-prompted refinement recorded in the card (auto: chosen on the validation slices)")
     tr.add_argument("--cleanup", default=TrainConfig.cleanup, choices=CLEANUPS,

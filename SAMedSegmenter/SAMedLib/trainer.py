@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from .augmentation import AugmentationConfig, ViewAugmentation, apply_class_levels, apply_intensity, sample_view
+from .augmentation import (AugmentationConfig, ViewAugmentation, apply_class_levels, apply_intensity,
+                           apply_tissue_shift, sample_view)
 from .backbones import build_backbone
 from .checkpoint import load_trainable_tensors, read_model_card, save_tensors
 from .classes import SegmentClass
@@ -156,7 +157,7 @@ def _make_views(volume: TrainingVolume, slices: np.ndarray, views: list[list[Vie
         label = torch.from_numpy(volume.labels[z].astype(np.float32))[None, None]
         for view in slice_views:
             composed = view.compose(theta)
-            shifted = apply_class_levels(image, label, view)
+            shifted = apply_tissue_shift(apply_class_levels(image, label, view), label, view)
             x = model_input(shifted[:, 0], composed, prep, volume.spacing_yx)[:, :1]
             x = apply_intensity(gaussian_blur(x, view.blur_sigma, view.blur_sigma), view, noise_std)
             inputs.append(x.expand(-1, 3, -1, -1))
